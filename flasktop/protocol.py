@@ -1,0 +1,316 @@
+"""The beacon wire format, version 1: encode in the app, decode in flasktop.
+
+Standard library only: this module is imported inside the user's production app.
+Every field, unit and limit is documented in docs/protocol.md; keep the two in step.
+
+A datagram is one compact JSON object, UTF-8, at most MAX_DATAGRAM bytes::
+
+    {"v":1,"k":"r","pid":4242,"seq":17,"t":1732190000123,
+     "s":["/orders/<int:oid>","orders","GET","ValueError"],
+     "e":[[0,1,2,500,41234,-1,3,4250,12], ...]}
+
+``k`` is the kind: ``r`` carries completed requests, ``f`` the set of requests
+in flight (sent periodically, so a flasktop that attaches late still learns of a
+request that began before it). Strings travel once per datagram in the table
+``s`` and events refer to them by index, so a batch of requests to one route
+costs the route's bytes once.
+
+Decoding trusts nothing. :func:`decode` never raises: it returns a
+:class:`Datagram` or a :class:`Reject` with a short machine-readable reason.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple, Union
+
+VERSION = 1
+MAX_DATAGRAM = 1400
+MAX_LABEL = 200  # characters
+LABEL_BUDGET = 256  # bytes of one label in its JSON form
+TRUNCATION_MARK = "\u2026"
+UNMATCHED = "<unmatched>"
+PENDING = "<pending>"
+
+KIND_REQUESTS = "r"
+KIND_INFLIGHT = "f"
+
+# Bounds every number is checked against. Anything outside is rejected, never clamped.
+_MAX_PID = 1 << 22  # Linux pid_max ceiling
+_MAX_TID = 1 << 32
+_MAX_SEQ = 1 << 53
+_MIN_T_MS = 946_684_800_000  # 2000-01-01
+_MAX_T_MS = 7_258_118_400_000  # 2200-01-01
+_MAX_DUR_US = 7 * 24 * 3600 * 1_000_000  # a week
+_MAX_AGE_MS = 24 * 3600 * 1000  # how long before the header time an event may have ended
+_MAX_SIZE = 1 << 53
+_MAX_STRINGS = 256
+_MAX_EVENTS = 256
+_MAX_COUNTER = 1 << 53
+
+_REQUEST_FIELDS = 9
+_INFLIGHT_FIELDS = 5
+
+
+class Request(NamedTuple):
+    """One completed request. Times are wall-clock seconds since the epoch."""
+
+    route: str
+    endpoint: str
+    method: str
+    status: int  # 0 when the app never called start_response
+    duration_s: float
+    size: int  # response bytes, -1 when unknown
+    exc: str  # exception type name, "" when none
+    tid: int  # native thread id, as py-spy's os_thread_id
+    end: float
+
+
+class InFlight(NamedTuple):
+    """One request still running when the beacon reported."""
+
+    route: str  # PENDING until Flask has matched the URL
+    endpoint: str
+    method: str
+    tid: int
+    start: float  # wall-clock seconds since the epoch
+
+
+class Datagram(NamedTuple):
+    kind: str
+    pid: int
+    seq: int
+    t: float  # wall-clock seconds at which the beacon sent it
+    requests: tuple  # tuple[Request, ...] for kind "r"
+    inflight: tuple  # tuple[InFlight, ...] for kind "f"
+    inflight_total: int  # kind "f": how many were in flight (may exceed len(inflight))
+    dropped: int  # kind "f": events the beacon dropped since it started (buffer full)
+    send_errors: int  # kind "f": sendto() failures since it started
+
+
+class Reject(NamedTuple):
+    reason: str
+
+
+Decoded = Union[Datagram, Reject]
+
+
+def clip(label: str) -> str:
+    """Make ``label`` safe to send: at most MAX_LABEL characters and LABEL_BUDGET
+    bytes once JSON-encoded, control characters replaced by U+FFFD, and a
+    visible marker where it was cut. Route templates take the fast path."""
+    if len(label) <= 120 and label.isascii() and label.isprintable():
+        return label
+    out = []
+    used = 0
+    for ch in label:
+        if not ch.isprintable():
+            ch = "\ufffd"
+        cost = 2 if ch in '"\\' else len(ch.encode("utf-8", "replace"))
+        if len(out) >= MAX_LABEL - 1 or used + cost > LABEL_BUDGET - 3:
+            out.append(TRUNCATION_MARK)
+            break
+        out.append(ch)
+        used += cost
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Encoding (the beacon side)
+
+
+def _label_cost(s: str) -> int:
+    """Bytes a label adds to the string table: its JSON form and a comma."""
+    return len(json.dumps(s, ensure_ascii=False).encode("utf-8", "replace")) + 1
+
+
+class Encoder:
+    """Packs events into datagrams of at most MAX_DATAGRAM bytes.
+
+    One per process; ``seq`` counts datagrams so the receiver can count losses.
+    Not thread-safe: the beacon's flusher thread is its only user.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seq = 0
+
+    def _pack(self, kind: str, t_ms: int, strings: list, events: list, extra: str) -> bytes:
+        self.seq += 1
+        body = json.dumps(strings, ensure_ascii=False, separators=(",", ":"))
+        evs = json.dumps(events, separators=(",", ":"))
+        head = '{"v":%d,"k":"%s","pid":%d,"seq":%d,"t":%d%s,"s":' % (
+            VERSION, kind, self.pid, self.seq, t_ms, extra)
+        return (head + body + ',"e":' + evs + "}").encode("utf-8", "replace")
+
+    def _batches(self, kind: str, t_ms: int, rows: list, extra: str = "") -> list:
+        """Split ``rows`` into datagrams that each fit MAX_DATAGRAM."""
+        out: list = []
+        strings: list = []
+        index: dict = {}
+        events: list = []
+        base = 90 + len(extra)  # header, with room for the widest numbers it can hold
+        size = base
+        requests = kind == KIND_REQUESTS
+        for row in rows:
+            labels = [row[0], row[1], row[2]]
+            if requests and row[6]:
+                labels.append(row[6])
+            fresh = [s for s in labels if s not in index]
+            nums = [row[3], row[4], row[5], row[7], row[8]] if requests else list(row[3:])
+            # compact JSON of the event: the ints, a comma each, the brackets; indexes < 1000
+            cost = len(repr(nums)) - len(nums) + 2 + 4 * (len(labels) + (not requests or not row[6]))
+            cost += sum(_label_cost(s) for s in fresh)
+            if events and (size + cost > MAX_DATAGRAM or len(events) >= _MAX_EVENTS
+                           or len(strings) + len(fresh) > _MAX_STRINGS):
+                out.append(self._pack(kind, t_ms, strings, events, extra))
+                strings, index, events, size = [], {}, [], base
+                fresh = labels
+                cost += sum(_label_cost(s) for s in labels)
+            for s in fresh:
+                if s not in index:
+                    index[s] = len(strings)
+                    strings.append(s)
+            ev = [index[row[0]], index[row[1]], index[row[2]]]
+            if requests:
+                ev.extend((row[3], row[4], row[5], index[row[6]] if row[6] else -1, row[7], row[8]))
+            else:
+                ev.extend(row[3:])
+            events.append(ev)
+            size += cost
+        if events or kind == KIND_INFLIGHT:
+            out.append(self._pack(kind, t_ms, strings, events, extra))
+        return out
+
+    def requests(self, t_ms: int, rows: list) -> list:
+        """Encode completed requests.
+
+        Each row: ``[route, endpoint, method, status, dur_us, size, exc, tid, age_ms]``
+        with ``age_ms`` how long before ``t_ms`` the request ended. Labels must
+        already be clipped. Returns a list of datagrams (bytes).
+        """
+        return self._batches(KIND_REQUESTS, t_ms, rows)
+
+    def inflight(self, t_ms: int, rows: list, total: int, dropped: int, send_errors: int) -> list:
+        """Encode the set of requests in flight.
+
+        Each row: ``[route, endpoint, method, tid, age_us]``. Always one datagram
+        (an empty set is news too: nothing is running); rows past what fits are
+        left out and ``total`` says how many there were.
+        """
+        extra = ',"n":%d,"x":[%d,%d]' % (total, dropped, send_errors)
+        datagrams = self._batches(KIND_INFLIGHT, t_ms, rows, extra)
+        if len(datagrams) > 1:
+            # Keep the first (the report is a sample); give back the unused sequence numbers.
+            self.seq -= len(datagrams) - 1
+            datagrams = datagrams[:1]
+        return datagrams
+
+
+# ---------------------------------------------------------------------------
+# Decoding (the flasktop side)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError("non-finite")
+
+
+def _reject_float(text: str) -> None:
+    raise ValueError("float")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_reject_float)
+
+
+def _int(v: object, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi  # type: ignore[operator]
+
+
+def decode(data: bytes) -> Decoded:
+    """Decode one datagram. Never raises; garbage is a :class:`Reject`."""
+    try:
+        return _decode(data)
+    except RecursionError:
+        return Reject("too_deep")
+    except Exception:  # noqa: BLE001 - any failure on untrusted input is a reject
+        return Reject("malformed")
+
+
+def _decode(data: bytes) -> Decoded:
+    if len(data) > MAX_DATAGRAM:
+        return Reject("oversized")
+    if not data or data[:1] != b"{":
+        return Reject("not_json")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Reject("bad_utf8")
+    try:
+        obj = _decoder.decode(text)
+    except ValueError as e:
+        return Reject("bad_number" if str(e) in ("float", "non-finite") else "not_json")
+    if type(obj) is not dict:
+        return Reject("not_object")
+    if obj.get("v") != VERSION or type(obj.get("v")) is not int:
+        return Reject("bad_version")
+    kind = obj.get("k")
+    pid = obj.get("pid")
+    seq = obj.get("seq")
+    t_ms = obj.get("t")
+    strings = obj.get("s")
+    events = obj.get("e")
+    if not _int(pid, 1, _MAX_PID):
+        return Reject("bad_pid")
+    if not _int(seq, 0, _MAX_SEQ):
+        return Reject("bad_seq")
+    if not _int(t_ms, _MIN_T_MS, _MAX_T_MS):
+        return Reject("bad_time")
+    if type(strings) is not list or len(strings) > _MAX_STRINGS:
+        return Reject("bad_strings")
+    for s in strings:
+        if type(s) is not str or len(s) > MAX_LABEL:
+            return Reject("bad_strings")
+    if type(events) is not list or len(events) > _MAX_EVENTS:
+        return Reject("bad_events")
+    n_strings = len(strings)
+    t = t_ms / 1000.0
+    if kind == KIND_REQUESTS:
+        out = []
+        for ev in events:
+            if type(ev) is not list or len(ev) != _REQUEST_FIELDS:
+                return Reject("bad_event")
+            r, ep, m, status, dur, size, exc, tid, age = ev
+            if not (_int(r, 0, n_strings - 1) and _int(ep, 0, n_strings - 1)
+                    and _int(m, 0, n_strings - 1) and _int(exc, -1, n_strings - 1)):
+                return Reject("bad_index")
+            if not (_int(status, 0, 999) and _int(dur, 0, _MAX_DUR_US)
+                    and _int(size, -1, _MAX_SIZE) and _int(tid, 1, _MAX_TID)
+                    and _int(age, 0, _MAX_AGE_MS)):
+                return Reject("bad_field")
+            end = t - age / 1000.0
+            out.append(Request(strings[r], strings[ep], strings[m], status, dur / 1e6, size,
+                               strings[exc] if exc >= 0 else "", tid, end))
+        return Datagram(kind, pid, seq, t, tuple(out), (), 0, 0, 0)
+    if kind == KIND_INFLIGHT:
+        total = obj.get("n")
+        x = obj.get("x")
+        if not _int(total, 0, _MAX_COUNTER):
+            return Reject("bad_field")
+        if type(x) is not list or len(x) != 2 or not all(_int(c, 0, _MAX_COUNTER) for c in x):
+            return Reject("bad_field")
+        flights = []
+        for ev in events:
+            if type(ev) is not list or len(ev) != _INFLIGHT_FIELDS:
+                return Reject("bad_event")
+            r, ep, m, tid, age = ev
+            if not (_int(r, 0, n_strings - 1) and _int(ep, 0, n_strings - 1)
+                    and _int(m, 0, n_strings - 1)):
+                return Reject("bad_index")
+            if not (_int(tid, 1, _MAX_TID) and _int(age, 0, _MAX_DUR_US)):
+                return Reject("bad_field")
+            flights.append(InFlight(strings[r], strings[ep], strings[m], tid, t - age / 1e6))
+        if total < len(flights):
+            return Reject("bad_field")
+        return Datagram(kind, pid, seq, t, (), tuple(flights), total, x[0], x[1])
+    return Reject("bad_kind")
+
