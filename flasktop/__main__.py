@@ -1,0 +1,5 @@
+import sys
+
+from flasktop.cli import main
+
+sys.exit(main())

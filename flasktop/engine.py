@@ -1,0 +1,191 @@
+"""Wiring: three sources feed one model on one collector thread; snapshots go out.
+
+Data flows one way. The poller and the sampler push events into a bounded
+inbox from their own threads; the listener keeps its own bounded backlog of
+decoded datagrams. The collector thread is the only one that touches the
+model: it drains both a few times a second, folds them in, and about once a
+second builds an immutable :class:`Snapshot` and hands it to whoever asked
+(the Textual app via ``post_message``, or ``flasktop snapshot``). Nothing here
+runs on the UI thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable, Deque, Iterable, List, Optional, Tuple
+
+from flasktop.model import Model, ModelConfig
+from flasktop.model.events import SourceState
+from flasktop.model.snapshot import BUSY, STUCK, Snapshot
+from flasktop.sources.listener import Listener
+from flasktop.sources.poller import Poller
+from flasktop.sources.pyspy import Sampler
+
+INBOX_LIMIT = 20_000  # events from the poller and sampler between two drains; far above their rates
+
+
+class Engine:
+    """Owns the sources, the model and the collector thread for one gunicorn master."""
+
+    def __init__(self, master_pid: int, beacon: Optional[Tuple[str, int]] = ("127.0.0.1", 9711),
+                 refresh: float = 1.0, sample_interval: float = 2.0, pyspy: bool = True,
+                 config: Optional[ModelConfig] = None, clock: Callable[[], float] = time.time) -> None:
+        self.master_pid = master_pid
+        self.refresh = refresh
+        self.clock = clock
+        self.started = clock()
+        self.model = Model(config or ModelConfig(), start=self.started)
+        self._inbox: Deque[object] = collections.deque(maxlen=INBOX_LIMIT)
+        self._inbox_overflow = 0
+        self.listener = Listener(beacon[0], beacon[1]) if beacon else None
+        self.poller = Poller(master_pid, self._post)
+        self.sampler = Sampler(self._post, interval=sample_interval) if pyspy else None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._on_snapshot: Optional[Callable[[Snapshot], None]] = None
+        self._latest: Optional[Snapshot] = None
+        self._lock = threading.Lock()
+        self._focus: Optional[int] = None
+        self._opened = False
+
+    # -- sources -----------------------------------------------------------------
+
+    def _post(self, event: object) -> None:
+        """Sink for the poller and sampler threads: non-blocking, bounded."""
+        if len(self._inbox) >= INBOX_LIMIT:
+            self._inbox_overflow += 1
+        self._inbox.append(event)
+
+    def open(self) -> None:
+        """Bind the listener and start the sources. Raises the listener's one-line errors."""
+        if self._opened:
+            return
+        if self.listener is not None:
+            self.listener.start()
+        else:
+            self._post(SourceState("beacon", "off", "beacon listener disabled (--beacon off)",
+                                   t=self.clock()))
+        self.poller.start()
+        if self.sampler is not None:
+            self.sampler.start()
+        else:
+            self._post(SourceState("pyspy", "off", "stack sampling disabled (--no-pyspy)",
+                                   t=self.clock()))
+        self._opened = True
+
+    # -- the collector -----------------------------------------------------------
+
+    def start(self, on_snapshot: Callable[[Snapshot], None]) -> None:
+        """Open the sources (if not yet) and start the collector thread."""
+        self._on_snapshot = on_snapshot
+        self.open()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flasktop-collector", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        next_snapshot = time.monotonic()
+        while not self._stop.is_set():
+            self.collect()
+            if time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + self.refresh
+                snap = self.take_snapshot()
+                cb = self._on_snapshot
+                if cb is not None:
+                    try:
+                        cb(snap)
+                    except Exception:  # noqa: BLE001 - a closing UI must not kill collection
+                        pass
+            self._stop.wait(min(0.25, self.refresh))
+
+    def collect(self) -> int:
+        """Fold everything waiting into the model; returns how many events were folded."""
+        n = 0
+        now = self.clock()
+        inbox = self._inbox
+        while inbox:
+            try:
+                event = inbox.popleft()
+            except IndexError:
+                break
+            self.model.feed(event, now)
+            n += 1
+        if self.listener is not None:
+            for dgram in self.listener.drain():
+                self.model.feed(dgram, now)
+                n += 1
+            self.model.feed(self.listener.stats(), now)
+        return n
+
+    def take_snapshot(self) -> Snapshot:
+        now = self.clock()
+        snap = self.model.snapshot(now)
+        with self._lock:
+            self._latest = snap
+        self._steer_sampler(snap)
+        return snap
+
+    def _steer_sampler(self, snap: Snapshot) -> None:
+        """Tell the sampler which workers exist and which to watch closely.
+
+        A worker that looks stuck, or has been busy on one request for a while,
+        is sampled faster so its stack is in hand before gunicorn's timeout
+        kills it; the rest stay at the slow default rate (each dump pauses the
+        worker for the ~15-25 ms it takes).
+        """
+        if self.sampler is None:
+            return
+        pids = [w.pid for w in snap.workers]
+        self.sampler.set_targets(pids)
+        urgent: List[int] = []
+        for w in snap.workers:
+            if w.state == STUCK:
+                urgent.append(w.pid)
+            elif w.state == BUSY and w.in_flight is not None and w.in_flight.elapsed_s >= 2.0:
+                urgent.append(w.pid)
+        self.sampler.set_urgent(urgent)
+
+    def latest(self) -> Optional[Snapshot]:
+        with self._lock:
+            return self._latest
+
+    def focus(self, pid: Optional[int]) -> None:
+        self._focus = pid
+        if self.sampler is not None:
+            self.sampler.focus(pid)
+
+    def run_for(self, seconds: float, tick: float = 0.25) -> Snapshot:
+        """Attach for ``seconds`` (no thread of our own), then return the final snapshot."""
+        self.open()
+        deadline = time.monotonic() + seconds
+        next_snapshot = time.monotonic()
+        while True:
+            self.collect()
+            if time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + self.refresh
+                self.take_snapshot()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(tick, left))
+        self.collect()
+        return self.take_snapshot()
+
+    def stop(self) -> None:
+        """Stop collection and every source; safe to call twice, returns promptly."""
+        self._stop.set()
+        for part in (self.sampler, self.poller, self.listener):
+            if part is None:
+                continue
+            try:
+                part.stop()
+            except Exception:  # noqa: BLE001 - stopping must always finish
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+
+def worker_pids(snap: Snapshot) -> Iterable[int]:
+    return (w.pid for w in snap.workers)
