@@ -1,0 +1,251 @@
+"""End to end: real gunicorn, real beacon over real UDP, real py-spy, the real engine and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import socket
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from flasktop.engine import Engine
+from flasktop.model.snapshot import Snapshot
+from tests.support import Gunicorn, free_port, gunicorn, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path: Path, udp: int) -> dict:
+    return {"FLASKTOP_BEACON": f"127.0.0.1:{udp}",
+            "TROUBLE_RELEASE": str(tmp_path / "release"),
+            "PYTHONPATH": str(ROOT)}
+
+
+def _hit(g: Gunicorn, path: str, n: int, threads: int = 2) -> None:
+    """Send ``n`` requests to ``path`` from ``threads`` client threads; bounded."""
+    def run(k: int) -> None:
+        for _ in range(k):
+            g.get(path, timeout=20)
+    ts = [threading.Thread(target=run, args=(n // threads,)) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+
+
+def _hang(g: Gunicorn) -> threading.Thread:
+    def run() -> None:
+        try:
+            g.get("/hang", timeout=60)
+        except OSError:
+            pass  # the worker may be killed by the timeout: that is what some tests want
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def engine_for() -> Iterator:
+    made: List[Engine] = []
+
+    def make(g: Gunicorn, udp: int, **kw: object) -> Engine:
+        e = Engine(g.pid, beacon=("127.0.0.1", udp), refresh=0.5, sample_interval=0.5, **kw)
+        made.append(e)
+        e.open()
+        return e
+    yield make
+    for e in made:
+        e.stop()
+
+
+def _until(engine: Engine, cond, timeout: float = 20.0, message: str = "") -> Snapshot:
+    """Collect until ``cond(snapshot)`` holds; returns that snapshot."""
+    box: List[Snapshot] = []
+
+    def check() -> bool:
+        engine.collect()
+        snap = engine.take_snapshot()
+        box[:] = [snap]
+        return bool(cond(snap))
+    wait_until(check, timeout=timeout, interval=0.25, message=message)
+    return box[0]
+
+
+def _route(snap: Snapshot, route: str):
+    return next((r for r in snap.routes if r.route == route), None)
+
+
+@pytest.mark.parametrize("worker_args", [["-w", "2"], ["-w", "1", "-k", "gthread", "--threads", "4"]],
+                         ids=["sync", "gthread"])
+def test_names_the_slow_route_and_the_hang_and_no_false_ones(tmp_path, engine_for, worker_args):
+    udp = free_port(socket.SOCK_DGRAM)
+    with gunicorn("trouble_app:app", *worker_args, "--timeout", "60",
+                  env=_env(tmp_path, udp), workers_expected=int(worker_args[1])) as g:
+        # The hang starts BEFORE flasktop attaches: its true age must still come through.
+        _hang(g)
+        wait_until((tmp_path / "release.started").exists, timeout=10, message="the hang to begin")
+        engine = engine_for(g, udp)
+        _hit(g, "/fast/1", 60)
+        _hit(g, "/slow", 8)
+        snap = _until(engine, lambda s: _route(s, "/slow") and _route(s, "/fast/<int:n>")
+                      and any(w.in_flight and w.in_flight.route == "/hang" for w in s.workers),
+                      message="both routes and the in-flight hang")
+        slow, fast = _route(snap, "/slow"), _route(snap, "/fast/<int:n>")
+        assert slow.count == 8 and fast.count == 60
+        assert slow.p50_ms >= 200 and fast.p95_ms < 100
+        hanging = next(w for w in snap.workers if w.in_flight and w.in_flight.route == "/hang")
+        assert hanging.in_flight.source == "beacon"
+        # stack sampled while it hangs: the frame it sits in
+        snap = _until(engine, lambda s: any(w.pid == hanging.pid and w.stack and
+                                            any("wait_for_lock" in f for f in w.stack)
+                                            for w in s.workers), message="the hang's stack")
+        slow_problems = [p for p in snap.problems if p.kind == "slow_route"]
+        assert all(p.route != "/fast/<int:n>" for p in slow_problems)
+        (tmp_path / "release").touch()
+
+
+def test_attach_after_hang_began_reports_true_age_and_stuck(tmp_path, engine_for):
+    udp = free_port(socket.SOCK_DGRAM)
+    with gunicorn("trouble_app:app", "-w", "2", "--timeout", "12",
+                  env=_env(tmp_path, udp), workers_expected=2) as g:
+        _hang(g)
+        # let the hang age before anyone listens: the beacon's in-flight report must carry its start
+        wait_until((tmp_path / "release.started").exists, timeout=10, message="the hang to begin")
+        t_began = time.time()
+        wait_until(lambda: time.time() - t_began > 6.5, timeout=10, interval=0.2,
+                   message="the hang to age")
+        engine = engine_for(g, udp)
+        snap = _until(engine, lambda s: any(w.state == "stuck" for w in s.workers),
+                      message="a stuck worker")
+        w = next(w for w in snap.workers if w.state == "stuck")
+        assert w.in_flight.route == "/hang"
+        assert w.in_flight.elapsed_s >= 6.0
+        assert any(p.kind == "stuck_worker" and p.pid == w.pid for p in snap.problems)
+        (tmp_path / "release").touch()
+
+
+def test_timeout_kill_shows_up_with_route_and_stack(tmp_path, engine_for):
+    udp = free_port(socket.SOCK_DGRAM)
+    with gunicorn("trouble_app:app", "-w", "2", "--timeout", "4",
+                  env=_env(tmp_path, udp), workers_expected=2) as g:
+        engine = engine_for(g, udp)
+        _until(engine, lambda s: len(s.workers) == 2, message="two workers")
+        _hang(g)
+        snap = _until(engine, lambda s: any(e.kind == "timeout_killed" for e in s.events),
+                      timeout=30, message="a timeout kill event")
+        ev = next(e for e in snap.events if e.kind == "timeout_killed")
+        assert ev.route == "/hang"
+        assert ev.stack and any("wait_for_lock" in f for f in ev.stack)
+        snap = _until(engine, lambda s: sorted(w.pid for w in s.workers) == g.worker_pids()
+                      and len(s.workers) == 2, message="the replacement worker")
+        assert ev.pid not in [w.pid for w in snap.workers]
+
+
+def test_hup_and_ttin_ttou_leave_exactly_the_live_workers(tmp_path, engine_for):
+    udp = free_port(socket.SOCK_DGRAM)
+    with gunicorn("trouble_app:app", "-w", "2", "--timeout", "10",
+                  env=_env(tmp_path, udp), workers_expected=2) as g:
+        engine = engine_for(g, udp)
+        _until(engine, lambda s: len(s.workers) == 2, message="two workers")
+        before = set(g.worker_pids())
+        g.signal(signal.SIGHUP)
+        snap = _until(engine, lambda s: {w.pid for w in s.workers} == set(g.worker_pids())
+                      and not ({w.pid for w in s.workers} & before) and len(s.workers) == 2,
+                      message="the reloaded workers only")
+        assert any(e.kind in ("reloaded", "started") for e in snap.events)
+        g.signal(signal.SIGTTIN)
+        _until(engine, lambda s: len(s.workers) == 3 and
+               {w.pid for w in s.workers} == set(g.worker_pids()), message="three workers")
+        g.signal(signal.SIGTTOU)
+        _until(engine, lambda s: len(s.workers) == 2 and
+               {w.pid for w in s.workers} == set(g.worker_pids()), message="back to two")
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flasktop", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=str(ROOT),
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_snapshot_json_has_the_documented_keys(tmp_path):
+    udp = free_port(socket.SOCK_DGRAM)
+    with gunicorn("trouble_app:app", "-w", "2", "--timeout", "30",
+                  env=_env(tmp_path, udp), workers_expected=2) as g:
+        worker = g.worker_pids()[0]
+        done = threading.Event()
+
+        def traffic() -> None:
+            while not done.is_set():
+                g.get("/fast/2")
+                g.get("/boom")
+                done.wait(0.05)
+        t = threading.Thread(target=traffic, daemon=True)
+        t.start()
+        try:
+            r = _cli("snapshot", "--pid", str(worker), "--beacon", f"127.0.0.1:{udp}",
+                     "--seconds", "3", "--json")
+        finally:
+            done.set()
+            t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert "worker of gunicorn master" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["master"]["pid"] == g.pid
+    for key in ("pid", "worker_class", "timeout", "workers"):
+        assert key in doc["master"]
+    assert {w["pid"] for w in doc["workers"]} == set(g.worker_pids()) or len(doc["workers"]) == 2
+    for w in doc["workers"]:
+        for key in ("pid", "state", "rss_bytes", "leak_suspected", "in_flight", "stack"):
+            assert key in w
+    routes = {(r["route"], r["method"]): r for r in doc["routes"]}
+    boom = routes[("/boom", "GET")]
+    assert boom["errors"] == boom["count"] > 0
+    for key in ("count", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "hot_frames"):
+        assert key in boom
+    for key in ("problems", "events"):
+        assert isinstance(doc[key], list)
+    for source in ("psutil", "pyspy", "beacon"):
+        assert "state" in doc["sources"][source]
+    beacon = doc["sources"]["beacon"]
+    for key in ("received", "rejected", "lost"):
+        assert key in beacon
+    assert beacon["received"] > 0
+
+
+def test_snapshot_human_report(tmp_path):
+    udp = free_port(socket.SOCK_DGRAM)
+    with gunicorn("trouble_app:app", "-w", "1", env=_env(tmp_path, udp), workers_expected=1) as g:
+        g.get("/slow")
+        r = _cli("snapshot", "--pid", str(g.pid), "--beacon", f"127.0.0.1:{udp}", "--seconds", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"gunicorn master {g.pid}" in r.stdout
+    assert "WORKERS" in r.stdout
+    assert "\x1b" not in r.stdout
+
+
+def test_not_gunicorn_is_one_line_and_exit_2():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        r = _cli("snapshot", "--pid", str(sleeper.pid), "--seconds", "1")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a gunicorn" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--pid", "abc"], ["--pid", "-3"], ["--beacon", "nohost"],
+                                  ["--beacon", "127.0.0.1:99999"], ["--seconds", "nan"]])
+def test_bad_arguments_exit_2_without_traceback(args):
+    r = _cli("snapshot", *(["--pid", "1"] if "--pid" not in args else []), *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip()
