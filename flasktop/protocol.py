@@ -22,6 +22,7 @@ Decoding trusts nothing. :func:`decode` never raises: it returns a
 from __future__ import annotations
 
 import json
+import re
 from typing import NamedTuple, Union
 
 VERSION = 1
@@ -47,6 +48,13 @@ _MAX_SIZE = 1 << 53
 _MAX_STRINGS = 256
 _MAX_EVENTS = 256
 _MAX_COUNTER = 1 << 53
+
+# Control characters and lone surrogates: no conforming encoder sends them (clip() replaces
+# them, whatever the Unicode version), and a terminal must never receive them.
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Bytes a clipped label may keep before its truncation mark: the budget less the
+# two quotes of its JSON form and the three bytes of the mark.
+_CLIP_BYTES = LABEL_BUDGET - 2 - len(TRUNCATION_MARK.encode("utf-8"))
 
 _REQUEST_FIELDS = 9
 _INFLIGHT_FIELDS = 5
@@ -107,7 +115,7 @@ def clip(label: str) -> str:
         if not ch.isprintable():
             ch = "\ufffd"
         cost = 2 if ch in '"\\' else len(ch.encode("utf-8", "replace"))
-        if len(out) >= MAX_LABEL - 1 or used + cost > LABEL_BUDGET - 3:
+        if len(out) >= MAX_LABEL - 1 or used + cost > _CLIP_BYTES:
             out.append(TRUNCATION_MARK)
             break
         out.append(ch)
@@ -269,6 +277,8 @@ def _decode(data: bytes) -> Decoded:
         return Reject("bad_strings")
     for s in strings:
         if type(s) is not str or len(s) > MAX_LABEL:
+            return Reject("bad_strings")
+        if not s.isprintable() and _FORBIDDEN.search(s):
             return Reject("bad_strings")
     if type(events) is not list or len(events) > _MAX_EVENTS:
         return Reject("bad_events")

@@ -1,0 +1,392 @@
+"""The wire format: decode() never raises and never passes garbage; Encoder round-trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, List
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from flasktop.protocol import (
+    _MAX_AGE_MS, _MAX_COUNTER, _MAX_DUR_US, _MAX_PID, _MAX_SEQ, _MAX_SIZE, _MAX_T_MS, _MAX_TID,
+    _MIN_T_MS, KIND_INFLIGHT, KIND_REQUESTS, LABEL_BUDGET, MAX_DATAGRAM, MAX_LABEL, TRUNCATION_MARK,
+    VERSION, Datagram, Encoder, InFlight, Reject, Request, clip, decode,
+)
+
+# Every reason decode() may give; docs/protocol.md lists the same.
+REASONS = {
+    "oversized", "not_json", "bad_utf8", "bad_number", "not_object", "bad_version", "bad_pid",
+    "bad_seq", "bad_time", "bad_strings", "bad_events", "bad_event", "bad_index", "bad_field",
+    "bad_kind", "too_deep", "malformed",
+}
+FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+T_MS = 1_732_190_000_123
+
+any_char = st.characters(exclude_categories=())  # surrogates and controls included
+labels = st.one_of(
+    st.sampled_from(["/orders/<int:oid>", "orders", "GET", "POST", "/", "ValueError", '"\\']),
+    st.text(alphabet=any_char, max_size=400),
+)
+
+
+def _label_ok(s: object) -> None:
+    assert type(s) is str and len(s) <= MAX_LABEL and not FORBIDDEN.search(s), repr(s)
+
+
+def check_invariants(d: Datagram) -> None:
+    """What every Datagram decode() returns must satisfy."""
+    assert d.kind in (KIND_REQUESTS, KIND_INFLIGHT)
+    assert type(d.pid) is int and 1 <= d.pid <= _MAX_PID
+    assert type(d.seq) is int and 0 <= d.seq <= _MAX_SEQ
+    assert math.isfinite(d.t) and _MIN_T_MS / 1000 <= d.t <= _MAX_T_MS / 1000
+    for c in (d.inflight_total, d.dropped, d.send_errors):
+        assert type(c) is int and 0 <= c <= _MAX_COUNTER
+    if d.kind == KIND_REQUESTS:
+        assert d.inflight == () and (d.inflight_total, d.dropped, d.send_errors) == (0, 0, 0)
+    else:
+        assert d.requests == () and d.inflight_total >= len(d.inflight)
+    for r in d.requests:
+        assert type(r) is Request
+        for s in (r.route, r.endpoint, r.method, r.exc):
+            _label_ok(s)
+        assert type(r.status) is int and 0 <= r.status <= 999
+        assert math.isfinite(r.duration_s) and 0 <= r.duration_s <= _MAX_DUR_US / 1e6
+        assert type(r.size) is int and -1 <= r.size <= _MAX_SIZE
+        assert type(r.tid) is int and 1 <= r.tid <= _MAX_TID
+        assert math.isfinite(r.end) and 0 <= d.t - r.end <= _MAX_AGE_MS / 1000 + 1e-6
+    for f in d.inflight:
+        assert type(f) is InFlight
+        for s in (f.route, f.endpoint, f.method):
+            _label_ok(s)
+        assert type(f.tid) is int and 1 <= f.tid <= _MAX_TID
+        assert math.isfinite(f.start) and 0 <= d.t - f.start <= _MAX_DUR_US / 1e6 + 1e-6
+
+
+def decode_checked(data: bytes) -> Any:
+    out = decode(data)
+    if isinstance(out, Reject):
+        assert out.reason in REASONS, out.reason
+    else:
+        assert isinstance(out, Datagram)
+        check_invariants(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# decode() on garbage
+
+
+@FUZZ
+@given(st.binary(max_size=2 * MAX_DATAGRAM))
+def test_arbitrary_bytes_never_raise(data: bytes) -> None:
+    decode_checked(data)
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from('{}[]:,"0123456789-+.eEvkpidsqtnxrfNaInfy \\u'),
+               max_size=300))
+def test_json_shaped_noise_never_raises(text: str) -> None:
+    decode_checked(text.encode())
+
+
+def _valid_objects() -> List[dict]:
+    enc = Encoder(4242)
+    rows = [["/orders/<int:oid>", "orders", "GET", 200, 41234, 120, "", 4250, 12],
+            ["/export", "export", "POST", 500, 9_000_000, -1, "ValueError", 4251, 0]]
+    flights = [["/export", "export", "POST", 4251, 41_000_000], ["<pending>", "", "GET", 4252, 3]]
+    return [json.loads(enc.requests(T_MS, rows)[0]),
+            json.loads(enc.inflight(T_MS, flights, total=3, dropped=1, send_errors=2)[0])]
+
+
+VALID = _valid_objects()
+
+
+def _nested(depth: int) -> Any:
+    v: Any = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+weird = st.one_of(
+    st.integers(min_value=-(10 ** 30), max_value=10 ** 30),
+    st.sampled_from([-1, 0, 1, 2, 999, 1000, _MAX_PID, _MAX_PID + 1, _MAX_TID + 1, _MAX_SEQ + 1,
+                     _MIN_T_MS - 1, _MAX_T_MS + 1, _MAX_DUR_US + 1, 2 ** 63, -(2 ** 63), 10 ** 300,
+                     True, False, None, "", "1", [], {}]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(alphabet=any_char, max_size=250),
+    st.lists(st.integers(min_value=-5, max_value=300), max_size=12),
+    st.integers(min_value=1, max_value=700).map(_nested),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
+)
+
+
+def _paths(obj: Any, prefix: tuple = ()) -> List[tuple]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+def _replace(obj: Any, path: tuple, value: Any) -> Any:
+    if not path:
+        return value
+    copy = dict(obj) if isinstance(obj, dict) else list(obj)
+    copy[path[0]] = _replace(obj[path[0]], path[1:], value)
+    return copy
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A valid datagram with one part replaced, removed, or the text cut, padded or flipped."""
+    obj = draw(st.sampled_from(VALID))
+    how = draw(st.sampled_from(["replace", "replace", "delete", "extra", "text"]))
+    if how == "replace":
+        obj = _replace(obj, draw(st.sampled_from(_paths(obj))), draw(weird))
+    elif how == "delete":
+        obj = dict(obj)
+        del obj[draw(st.sampled_from(sorted(obj)))]
+    elif how == "extra":
+        obj = dict(obj, **{draw(st.text(max_size=4)): draw(weird)})
+    text = json.dumps(obj, ensure_ascii=draw(st.booleans()), separators=(",", ":"))
+    data = text.encode("utf-8", "surrogatepass")
+    if how == "text":
+        i = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["cut", "insert", "flip", "pad"]))
+        if op == "cut":
+            data = data[:i]
+        elif op == "insert":
+            data = data[:i] + draw(st.binary(min_size=1, max_size=8)) + data[i:]
+        elif op == "flip" and i < len(data):
+            data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+        else:
+            data = data + b" " * draw(st.integers(0, 2 * MAX_DATAGRAM))
+    return data
+
+
+@FUZZ
+@given(mutated())
+def test_mutated_datagrams_never_raise_nor_pass_garbage(data: bytes) -> None:
+    decode_checked(data)
+
+
+@FUZZ
+@given(st.sampled_from(VALID), st.data())
+def test_a_float_anywhere_is_rejected(obj: dict, data: st.DataObject) -> None:
+    path = data.draw(st.sampled_from(_paths(obj)[1:]))
+    value = data.draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                st.sampled_from([1.0, -0.0, 1e300, float("nan"), float("inf")])))
+    text = json.dumps(_replace(obj, path, value), separators=(",", ":"))
+    out = decode_checked(text.encode())
+    assert isinstance(out, Reject) and out.reason in ("bad_number", "oversized")
+
+
+@FUZZ
+@given(st.sampled_from(VALID), st.data())
+def test_numbers_out_of_range_are_rejected(obj: dict, data: st.DataObject) -> None:
+    """Every number in a valid datagram, pushed just past its bound, makes the whole datagram a Reject."""
+    bounds = {"pid": (1, _MAX_PID), "seq": (0, _MAX_SEQ), "t": (_MIN_T_MS, _MAX_T_MS),
+              "n": (len(obj["e"]), _MAX_COUNTER)}
+    req = [None, None, None, (0, 999), (0, _MAX_DUR_US), (-1, _MAX_SIZE), None, (1, _MAX_TID),
+           (0, _MAX_AGE_MS)]
+    flight = [None, None, None, (1, _MAX_TID), (0, _MAX_DUR_US)]
+    spots = [((k,), b) for k, b in bounds.items() if k in obj]
+    per_event = req if obj["k"] == KIND_REQUESTS else flight
+    spots += [(("e", i, j), b) for i in range(len(obj["e"])) for j, b in enumerate(per_event) if b]
+    spots += [(("e", i, j), (-1 if j == 6 else 0, len(obj["s"]) - 1))
+              for i in range(len(obj["e"])) for j, b in enumerate(per_event) if b is None]
+    if "x" in obj:
+        spots += [(("x", 0), (0, _MAX_COUNTER)), (("x", 1), (0, _MAX_COUNTER))]
+    path, (lo, hi) = data.draw(st.sampled_from(spots))
+    value = data.draw(st.one_of(st.integers(max_value=lo - 1), st.integers(min_value=hi + 1)))
+    text = json.dumps(_replace(obj, path, value), separators=(",", ":"))
+    out = decode_checked(text.encode())
+    assert isinstance(out, Reject), (path, value)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"{" + b" " * MAX_DATAGRAM, "oversized"),
+    (b"", "not_json"),
+    (b"[1,2]", "not_json"),
+    (b"{\"v\":1", "not_json"),
+    (b"{\"v\":\xff}", "bad_utf8"),
+    (b'{"v":1.5}', "bad_number"),
+    (b'{"v":NaN}', "bad_number"),
+    (b'{"v":-Infinity}', "bad_number"),
+    (b'{"v":1e3}', "bad_number"),
+    (b'{"v":2}', "bad_version"),
+    (b'{"v":true}', "bad_version"),
+    (b'{"v":"1"}', "bad_version"),
+    (b'{"v":1,"k":"r","pid":0,"seq":1,"t":1732190000123,"s":[],"e":[]}', "bad_pid"),
+    (b'{"v":1,"k":"r","pid":7,"seq":-1,"t":1732190000123,"s":[],"e":[]}', "bad_seq"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":17321900001,"s":[],"e":[]}', "bad_time"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":["\\u001b[2J"],"e":[]}', "bad_strings"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":["\\ud800"],"e":[]}', "bad_strings"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":[1],"e":[]}', "bad_strings"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":[],"e":{}}', "bad_events"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":["a"],"e":[[0,0,0]]}', "bad_event"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":["a"],"e":[[0,0,1,200,1,1,-1,1,1]]}',
+     "bad_index"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":["a"],"e":[[0,0,0,1000,1,1,-1,1,1]]}',
+     "bad_field"),
+    (b'{"v":1,"k":"f","pid":7,"seq":1,"t":1732190000123,"s":["a"],"e":[[0,0,0,1,1]],"n":0,"x":[0,0]}',
+     "bad_field"),
+    (b'{"v":1,"k":"z","pid":7,"seq":1,"t":1732190000123,"s":[],"e":[]}', "bad_kind"),
+    (b'{"v":1,"k":"r","pid":7,"seq":1,"t":1732190000123,"s":[],"e":' + b"[" * 600 + b"]" * 600 + b"}",
+     "bad_event"),
+])
+def test_each_reason(data: bytes, reason: str) -> None:
+    assert reason in REASONS
+    assert decode(data) == Reject(reason)
+
+
+def test_well_formed_examples_decode() -> None:
+    d = decode(b'{"v":1,"k":"r","pid":7,"seq":3,"t":1732190000123,"s":["/a","a","GET","KeyError"],'
+               b'"e":[[0,1,2,500,41234,-1,3,4250,12],[0,1,2,200,5,10,-1,4251,0]]}')
+    assert isinstance(d, Datagram)
+    check_invariants(d)
+    assert (d.kind, d.pid, d.seq, d.t) == ("r", 7, 3, 1732190000.123)
+    assert [(r.route, r.status, r.exc, r.tid, r.size) for r in d.requests] == [
+        ("/a", 500, "KeyError", 4250, -1), ("/a", 200, "", 4251, 10)]
+    assert d.requests[0].duration_s == pytest.approx(0.041234)
+    assert d.requests[0].end == pytest.approx(1732190000.111)
+    f = decode(b'{"v":1,"k":"f","pid":7,"seq":4,"t":1732190000123,"s":["<pending>",""],'
+               b'"e":[[0,1,1,4250,2000000]],"n":5,"x":[6,7]}')
+    assert isinstance(f, Datagram)
+    check_invariants(f)
+    assert (f.inflight_total, f.dropped, f.send_errors) == (5, 6, 7)
+    assert f.inflight[0].start == pytest.approx(1732190000.123 - 2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# clip()
+
+
+@FUZZ
+@given(st.text(alphabet=any_char, max_size=600))
+@example('"' * 300)
+@example("\u00e9" * 300)
+@example("x" * (MAX_LABEL - 1))
+@example("x" * MAX_LABEL)
+@example("\x00" * 300)
+def test_clip_bounds_and_marks(s: str) -> None:
+    c = clip(s)
+    assert len(c) <= MAX_LABEL
+    assert len(json.dumps(c, ensure_ascii=False).encode("utf-8")) <= LABEL_BUDGET
+    assert c.isprintable()
+    assert clip(c) == c
+    visible = "".join(ch if ch.isprintable() else "\ufffd" for ch in s)
+    keep_chars, keep_bytes = MAX_LABEL - 1, LABEL_BUDGET - 2 - len(TRUNCATION_MARK.encode())
+    fits = len(visible) <= keep_chars and _content_bytes(visible) <= keep_bytes
+    if fits:
+        assert c == visible
+    else:  # the longest prefix within both limits, then the mark
+        kept = c[:-1]
+        assert c.endswith(TRUNCATION_MARK) and visible.startswith(kept)
+        assert len(kept) <= keep_chars and _content_bytes(kept) <= keep_bytes
+        longer = visible[:len(kept) + 1]
+        assert len(longer) > keep_chars or _content_bytes(longer) > keep_bytes
+    if len(s) <= 120 and s.isascii() and s.isprintable():
+        assert c == s
+
+
+def _content_bytes(s: str) -> int:
+    """Bytes of ``s`` inside its JSON quotes."""
+    return len(json.dumps(s, ensure_ascii=False).encode("utf-8")) - 2
+
+
+def test_clip_examples() -> None:
+    assert clip("/orders/<int:oid>") == "/orders/<int:oid>"
+    assert clip("a\x1bb") == "a\ufffdb"
+    assert clip("x" * 500) == "x" * (MAX_LABEL - 1) + TRUNCATION_MARK
+    q = clip('"' * 500)
+    assert q.endswith(TRUNCATION_MARK) and len(json.dumps(q, ensure_ascii=False).encode()) <= LABEL_BUDGET
+
+
+# ---------------------------------------------------------------------------------------
+# Encoder -> decode round trip
+
+request_rows = st.lists(st.tuples(
+    labels, labels, labels, st.integers(0, 999), st.integers(0, _MAX_DUR_US),
+    st.integers(-1, _MAX_SIZE), st.one_of(st.just(""), labels), st.integers(1, _MAX_TID),
+    st.integers(0, _MAX_AGE_MS)), max_size=300)
+flight_rows = st.lists(st.tuples(labels, labels, labels, st.integers(1, _MAX_TID),
+                                 st.integers(0, _MAX_DUR_US)), max_size=120)
+pids = st.integers(1, _MAX_PID)
+t_ms = st.integers(_MIN_T_MS, _MAX_T_MS)
+
+
+def _clipped(row: tuple, label_slots: tuple) -> list:
+    return [clip(v) if i in label_slots and v else v for i, v in enumerate(row)]
+
+
+@FUZZ
+@given(pids, t_ms, request_rows)
+def test_requests_round_trip(pid: int, t: int, rows: list) -> None:
+    rows = [_clipped(r, (0, 1, 2, 6)) for r in rows]
+    enc = Encoder(pid)
+    datagrams = enc.requests(t, rows)
+    assert all(len(d) <= MAX_DATAGRAM for d in datagrams)
+    got: List[Request] = []
+    for i, data in enumerate(datagrams):
+        d = decode_checked(data)
+        assert isinstance(d, Datagram), d
+        assert (d.kind, d.pid, d.seq, d.t) == (KIND_REQUESTS, pid, i + 1, t / 1000)
+        got.extend(d.requests)
+    assert len(got) == len(rows) and enc.seq == len(datagrams)
+    for r, (route, ep, method, status, dur, size, exc, tid, age) in zip(got, rows):
+        assert (r.route, r.endpoint, r.method, r.status, r.size, r.exc, r.tid) == (
+            route, ep, method, status, size, exc, tid)
+        assert round(r.duration_s * 1e6) == dur
+        assert round((t / 1000 - r.end) * 1000) == age
+
+
+@FUZZ
+@given(pids, t_ms, flight_rows, st.integers(0, 1000), st.integers(0, _MAX_COUNTER),
+       st.integers(0, _MAX_COUNTER))
+def test_inflight_round_trip(pid: int, t: int, rows: list, more: int, dropped: int, errors: int) -> None:
+    rows = [_clipped(r, (0, 1, 2)) for r in rows]
+    enc = Encoder(pid)
+    datagrams = enc.inflight(t, rows, total=len(rows) + more, dropped=dropped, send_errors=errors)
+    assert len(datagrams) == 1 and len(datagrams[0]) <= MAX_DATAGRAM and enc.seq == 1
+    d = decode_checked(datagrams[0])
+    assert isinstance(d, Datagram)
+    assert (d.kind, d.pid, d.seq, d.inflight_total, d.dropped, d.send_errors) == (
+        KIND_INFLIGHT, pid, 1, len(rows) + more, dropped, errors)
+    assert (len(d.inflight) >= 1) == bool(rows)
+    for f, (route, ep, method, tid, age) in zip(d.inflight, rows):
+        assert (f.route, f.endpoint, f.method, f.tid) == (route, ep, method, tid)
+        assert round((t / 1000 - f.start) * 1e6) == age
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), request_rows, flight_rows), min_size=1, max_size=6))
+def test_sequence_numbers_have_no_holes(calls: list) -> None:
+    """Whatever mix of reports the beacon sends, seq counts every datagram once, from 1."""
+    enc = Encoder(77)
+    seqs = []
+    for is_requests, reqs, flights in calls:
+        if is_requests:
+            out = enc.requests(T_MS, [_clipped(r, (0, 1, 2, 6)) for r in reqs])
+        else:
+            rows = [_clipped(r, (0, 1, 2)) for r in flights]
+            out = enc.inflight(T_MS, rows, total=len(rows), dropped=0, send_errors=0)
+        for data in out:
+            d = decode(data)
+            assert isinstance(d, Datagram)
+            seqs.append(d.seq)
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_encoder_writes_version_one() -> None:
+    data = Encoder(1).requests(T_MS, [["/", "i", "GET", 200, 1, 1, "", 1, 0]])[0]
+    assert json.loads(data)["v"] == VERSION == 1
