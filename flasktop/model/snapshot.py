@@ -131,6 +131,8 @@ class WorkerView:
     requests_served: int = 0  # seen by the beacon since attach
     stuck_for_s: Optional[float] = None
     missing: Tuple[str, ...] = ()  # one line each: what could not be read, and why
+    fd_growth_per_min: Optional[float] = None  # file descriptors (or connections) per minute
+    fd_leak_suspected: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,7 @@ class BeaconView:
     app_dropped: int = 0  # events the beacons dropped in-process (buffer full)
     senders: int = 0
     last_heard_s: Optional[float] = None  # seconds since the last datagram
+    ignored: int = 0  # datagrams from pids that are not workers of this master
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,8 @@ class Snapshot:
     rps: float = 0.0  # all routes, recent window
     error_rate: float = 0.0
     routes_dropped: int = 0  # distinct routes folded into the overflow bucket
+    # busy time / (workers x threads x window), 0..1+; None for async workers or before topology
+    utilization: Optional[float] = None
 
     def source(self, name: str) -> Optional[SourceView]:
         for s in self.sources:

@@ -1,0 +1,186 @@
+"""Worker churn: successive topology ticks in, classified WorkerEvents out (bounded)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, List, NamedTuple, Optional, Tuple
+
+from flasktop.model.config import ModelConfig
+from flasktop.model.snapshot import WorkerEvent
+
+
+class Departure(NamedTuple):
+    """What was known of a worker when it vanished."""
+
+    pid: int
+    t: float  # the tick that found it gone
+    lifetime: float
+    route: Optional[str]  # the route template of its oldest request
+    method: str
+    stack: Optional[Tuple[str, ...]]  # its last sampled stack (the serving thread's)
+    request_age: Optional[float]  # age of its oldest request at ``t`` (lower bound without beacon)
+    heartbeat_age: Optional[float]
+    served: int  # requests the beacon saw it complete
+    busy: bool
+    known_served: bool  # the beacon saw its whole life (so ``served`` is its true count)
+
+
+class Arrival(NamedTuple):
+    pid: int
+    t: float
+    create_time: float
+
+
+def _s(x: float) -> str:
+    return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
+
+
+def _label(d: Departure) -> str:
+    return f"{d.method} {d.route}".strip()
+
+
+class Churn:
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.events: Deque[WorkerEvent] = deque(maxlen=cfg.max_events)
+        self.exits: List[Departure] = []
+        self.starts: List[Arrival] = []
+        self.count0 = 0
+        self.batch_t0: Optional[float] = None
+        self.last_change = 0.0
+        self.short_exits: Deque[float] = deque(maxlen=max(64, 4 * cfg.crash_min_exits))
+        self.crash_t: Optional[float] = None  # last crash_loop event
+        self.crash_count = 0
+        self.master_exited_t: Optional[float] = None
+        self.new_master: Optional[int] = None
+        self.timeouts: Deque[WorkerEvent] = deque(maxlen=64)
+
+    def master(self, t: float, pid: int, alive: bool, new_master: Optional[int]) -> None:
+        if not alive and self.master_exited_t is None:
+            self.master_exited_t = t
+            self.exits.clear()
+            self.starts.clear()
+            self.batch_t0 = None
+            self.events.append(WorkerEvent(t, "master_exited", pid,
+                                           f"gunicorn master {pid} exited; its workers go with it"))
+        elif alive:
+            self.master_exited_t = None
+        if new_master is not None and new_master != self.new_master:
+            self.events.append(WorkerEvent(t, "master_replaced", new_master,
+                                           f"new gunicorn master {new_master} started by {pid} "
+                                           "(USR2 upgrade)"))
+        self.new_master = new_master
+
+    def observe(self, t: float, count_before: int, count_after: int, starts: List[Arrival],
+                exits: List[Departure], timeout: float, max_requests: Optional[int]) -> None:
+        if self.master_exited_t is not None:
+            return
+        if starts or exits:
+            if self.batch_t0 is None:
+                self.batch_t0 = t
+                self.count0 = count_before
+            self.last_change = t
+            self.starts.extend(starts)
+            self.exits.extend(exits)
+        if self.batch_t0 is None:
+            return
+        if (t - self.last_change >= self.cfg.settle_s or t - self.batch_t0 >= self.cfg.max_batch_s
+                or len(self.exits) + len(self.starts) >= self.cfg.max_pending_exits):
+            self._classify(t, count_after, timeout, max_requests)
+
+    def _classify(self, t: float, count1: int, timeout: float,
+                  max_requests: Optional[int]) -> None:
+        cfg = self.cfg
+        exits = sorted(self.exits, key=lambda d: (d.t, d.pid))
+        starts = sorted(self.starts, key=lambda a: (a.create_time, a.pid))
+        count0 = self.count0
+        self.exits, self.starts, self.batch_t0 = [], [], None
+        out: List[WorkerEvent] = []
+
+        rest: List[Departure] = []
+        for d in exits:
+            if self._timed_out(d, timeout):
+                ev = self._timeout_event(d, timeout)
+                out.append(ev)
+                self.timeouts.append(ev)
+            else:
+                rest.append(d)
+
+        short = [d for d in rest if d.lifetime < cfg.crash_lifetime_s]
+        for d in short:
+            self.short_exits.append(d.t)
+        while self.short_exits and self.short_exits[0] < t - cfg.crash_window_s:
+            self.short_exits.popleft()
+        crashing = len(self.short_exits) >= cfg.crash_min_exits
+        if crashing:
+            self.crash_count = len(self.short_exits)
+            if self.crash_t is None or t - self.crash_t >= cfg.crash_window_s:
+                self.crash_t = t
+                out.append(WorkerEvent(t, "crash_loop", None,
+                                       f"crash loop: {len(self.short_exits)} workers died within "
+                                       f"{_s(cfg.crash_lifetime_s)} of starting in the last "
+                                       f"{_s(cfg.crash_window_s)}"))
+            rest = [d for d in rest if d.lifetime >= cfg.crash_lifetime_s]
+            starts = []  # replacements of dying workers: the crash_loop event says it
+
+        if (not crashing and len(rest) >= 2 and len(rest) >= cfg.reload_fraction * max(count0, 1)
+                and len(starts) >= cfg.reload_fraction * len(rest)):
+            span = max(d.t for d in rest) - min(min(d.t for d in rest), min(a.t for a in starts))
+            out.append(WorkerEvent(rest[-1].t, "reloaded", None,
+                                   f"reload (HUP): {len(rest)} workers replaced by {len(starts)} "
+                                   f"new ones within {_s(max(span, 0.0))}; master unchanged"))
+            self._emit(out)
+            return
+
+        removed = max(0, count0 - count1)
+        added = max(0, count1 - count0)
+        for d in rest:
+            if removed and not d.busy:
+                removed -= 1
+                out.append(WorkerEvent(d.t, "removed", d.pid,
+                                       f"worker {d.pid} removed (TTOU: {count0} -> {count1} "
+                                       f"workers) after {_s(d.lifetime)}"))
+            elif self._recycled(d, max_requests):
+                out.append(WorkerEvent(d.t, "recycled", d.pid,
+                                       f"worker {d.pid} recycled after {d.served} requests "
+                                       f"(max_requests {max_requests})" if d.known_served else
+                                       f"worker {d.pid} exited idle: probably recycled "
+                                       f"(max_requests {max_requests})"))
+            else:
+                what = f" while serving {_label(d)}" if d.busy and d.route else ""
+                out.append(WorkerEvent(d.t, "exited", d.pid,
+                                       f"worker {d.pid} exited after {_s(d.lifetime)}{what}",
+                                       route=d.route if d.busy else None,
+                                       stack=d.stack if d.busy else None))
+        n_added = min(added, len(starts))
+        for i, a in enumerate(starts):
+            if i >= len(starts) - n_added:
+                out.append(WorkerEvent(a.t, "added", a.pid,
+                                       f"worker {a.pid} added (TTIN: {count0} -> {count1} workers)"))
+            else:
+                out.append(WorkerEvent(a.t, "started", a.pid, f"worker {a.pid} started"))
+        self._emit(out)
+
+    def _emit(self, out: List[WorkerEvent]) -> None:
+        out.sort(key=lambda e: (e.t, e.pid or 0, e.kind))
+        self.events.extend(out)
+
+    def _timed_out(self, d: Departure, timeout: float) -> bool:
+        limit = self.cfg.timeout_kill_fraction * timeout
+        return ((d.request_age is not None and d.request_age >= limit)
+                or (d.heartbeat_age is not None and d.heartbeat_age >= limit))
+
+    def _recycled(self, d: Departure, max_requests: Optional[int]) -> bool:
+        if not max_requests or d.busy:
+            return False
+        if d.known_served:
+            return d.served >= self.cfg.recycle_fraction * max_requests
+        return True
+
+    def _timeout_event(self, d: Departure, timeout: float) -> WorkerEvent:
+        age = d.request_age if d.request_age is not None else d.heartbeat_age
+        where = f" in {d.stack[0]}" if d.stack else ""
+        on = f" on {_label(d)}" if d.route else ""
+        return WorkerEvent(d.t, "timeout_killed", d.pid,
+                           f"worker {d.pid} killed by the timeout ({_s(timeout)}) after "
+                           f"{_s(age or 0.0)}{on}{where}", route=d.route, stack=d.stack)

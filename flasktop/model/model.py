@@ -1,0 +1,842 @@
+"""The model: folds events into bounded state; :meth:`Model.snapshot` reads it out, unchanged."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+from flasktop.model.churn import Arrival, Churn, Departure
+from flasktop.model.config import ModelConfig
+from flasktop.model.events import (
+    Frame, ListenerStats, ProcStats, SourceState, StackSample, TopologyTick,
+)
+from flasktop.model.problems import Judge, Notes
+from flasktop.model.routes import (
+    OTHER, OTHER_METHOD, DistinctCounter, RouteKey, RouteStats, Slot, slot_point, slowest,
+    window_counts, window_quantiles,
+)
+from flasktop.model.series import finite, trend
+from flasktop.model.sketch import ZERO_KEY, Sketch, quantiles_of
+from flasktop.model.snapshot import (
+    BUSY, IDLE, STARTING, STOPPED, STUCK, UNKNOWN, BeaconView, HotFrame, InFlightView,
+    MasterView, RequestRecord, RouteView, Snapshot, SourceView, ThreadView, WorkerView,
+)
+from flasktop.model.workers import (
+    MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut,
+)
+from flasktop.protocol import KIND_INFLIGHT, KIND_REQUESTS, PENDING, Datagram
+
+NO_ROUTE = "<no beacon>"  # the route of a request seen only in a stack
+MAX_THREADS = 512  # per sample
+MAX_REQ_SECONDS = 64  # per worker, seconds of requests waiting to meet their RSS reading
+
+
+class Model:
+    """Pure state: ``feed`` events with the time they arrived, read ``snapshot``s."""
+
+    def __init__(self, config: ModelConfig = ModelConfig(), start: float = 0.0) -> None:
+        self.cfg = config
+        self.start = start
+        self._slot_s = config.window_s / max(1, config.window_slots)
+        self._nslots = max(1, config.window_slots)
+        self._sk = Sketch(config.sketch_accuracy, config.sketch_max_buckets)
+        self._reqfn = frozenset(config.request_functions)
+        self._routes: Dict[RouteKey, RouteStats] = {}
+        self._other: Optional[RouteStats] = None
+        self._dropped = DistinctCounter()
+        self._workers: Dict[int, WorkerState] = {}
+        self._tick: Optional[TopologyTick] = None
+        self._count = 0
+        self._churn = Churn(config)
+        self._queue: Deque[Tuple[int, int, Pending]] = deque()
+        self._seq = 0
+        self._frames: Dict[Frame, str] = {}
+        self._listener: Optional[ListenerStats] = None
+        self._heard: Optional[float] = None
+        self._ignored = 0
+        self._foreign: Dict[int, int] = {}
+        self._app_dropped = 0
+        self._losses: Deque[Tuple[float, int]] = deque(maxlen=512)
+        self._states: Dict[str, SourceState] = {}
+        self._pid_states: Dict[Tuple[str, int], SourceState] = {}
+        self._samples = 0
+
+    # ------------------------------------------------------------------ feeding
+
+    def feed(self, event: object, now: float) -> None:
+        """Fold one event that arrived at wall-clock ``now``."""
+        kind = type(event)
+        if kind is Datagram:
+            self._datagram(event, now)  # type: ignore[arg-type]
+        elif kind is StackSample:
+            self._sample(event, now)  # type: ignore[arg-type]
+        elif kind is TopologyTick:
+            self._topology(event, now)  # type: ignore[arg-type]
+        elif kind is ListenerStats:
+            self._listener_stats(event, now)  # type: ignore[arg-type]
+        elif kind is SourceState:
+            self._source_state(event)  # type: ignore[arg-type]
+        q = self._queue
+        if q and q[0][2].t + self.cfg.attribution_delay_s <= now:
+            self._mature(now)
+
+    def _worker_for(self, pid: int, now: float) -> Optional[WorkerState]:
+        w = self._workers.get(pid)
+        if w is not None:
+            return w
+        if self._tick is None:
+            w = WorkerState(pid, -1.0, now, True, self.cfg.series_points, self.cfg.recent_requests)
+            if len(self._workers) < 4096:
+                self._workers[pid] = w
+            return w
+        self._ignored += 1
+        if pid in self._foreign or len(self._foreign) < self.cfg.max_foreign_pids:
+            self._foreign[pid] = self._foreign.get(pid, 0) + 1
+        return None
+
+    def _datagram(self, dg: Datagram, now: float) -> None:
+        self._heard = now
+        w = self._worker_for(dg.pid, now)
+        if w is None:
+            return
+        w.beacon_t = now
+        if dg.kind == KIND_REQUESTS:
+            self._requests(w, dg, now)
+        elif dg.kind == KIND_INFLIGHT:
+            if dg.t < w.inflight_t:
+                return
+            w.inflight_t = dg.t
+            last_done = w.last_done
+            fresh = {}
+            for f in dg.inflight:
+                done = last_done.get(f.tid)
+                if done is not None and done[1] > f.start + 0.002:
+                    continue  # it completed after this report was sent
+                if len(fresh) < MAX_TIDS:
+                    fresh[f.tid] = f
+            w.inflight = fresh
+            if dg.dropped > w.dropped:
+                self._app_dropped += dg.dropped - w.dropped
+                w.dropped = dg.dropped
+
+    def _route(self, key: RouteKey) -> RouteStats:
+        rs = self._routes.get(key)
+        if rs is not None:
+            return rs
+        cfg = self.cfg
+        if len(self._routes) < cfg.max_routes:
+            rs = RouteStats(key[0], key[1], self._nslots, self._new_sketch(), cfg.history_points)
+            self._routes[key] = rs
+            return rs
+        self._dropped.add(key[1] + " " + key[0])
+        if self._other is None:
+            self._other = RouteStats(OTHER, OTHER_METHOD, self._nslots, self._new_sketch(),
+                                     cfg.history_points)
+        return self._other
+
+    def _new_sketch(self) -> Sketch:
+        return Sketch(self.cfg.sketch_accuracy, self.cfg.sketch_max_buckets)
+
+    def _retire(self, rs: RouteStats, epoch: int) -> None:
+        """Archive every slot of ``rs`` that has left the window, oldest first."""
+        expired = sorted((s for s in rs.slots if 0 <= s.epoch <= epoch - self._nslots),
+                         key=lambda s: s.epoch)
+        for s in expired:
+            if s.count:
+                rs.history.append(slot_point(s, self._slot_s, self._sk))
+            s.reset(-1)
+        rs.slots[epoch % self._nslots].reset(epoch)
+
+    def _requests(self, w: WorkerState, dg: Datagram, now: float) -> None:
+        epoch = math.floor(now / self._slot_s)
+        idx = epoch % self._nslots
+        routes = self._routes
+        route_of = self._route
+        inv = self._sk.inv_log_gamma
+        minv = self._sk.min_value
+        maxb = self._sk.max_buckets
+        log, ceil = math.log, math.ceil
+        keep = self.cfg.slowest_per_route
+        inflight, last_done, pending = w.inflight, w.last_done, w.pending
+        recent = w.recent.append
+        phase = w.phase
+        by_sec = w.req_by_sec
+        pid = w.pid
+        for r in dg.requests:
+            rs = routes.get((r.route, r.method))
+            if rs is None:
+                rs = route_of((r.route, r.method))
+            d = r.duration_s
+            k = ceil(log(d) * inv) if d > minv else ZERO_KEY
+            slot = rs.slots[idx]
+            if slot.epoch != epoch:
+                self._retire(rs, epoch)
+            slot.count += 1
+            slot.busy += d
+            b = slot.buckets
+            b[k] = b.get(k, 0) + 1
+            if d > slot.max:
+                slot.max = d
+            tot = rs.total
+            tb = tot.buckets
+            tb[k] = tb.get(k, 0) + 1
+            tot.count += 1
+            if d > tot.max:
+                tot.max = d
+            if d < tot.min:
+                tot.min = d
+            if len(tb) > maxb:
+                tot._collapse()
+            rs.count += 1
+            if r.status >= 500 or r.exc:
+                slot.errors += 1
+                rs.errors += 1
+                if r.exc:
+                    rs.last_exc = r.exc
+            sl = slot.slowest
+            if len(sl) < keep:
+                self._seq += 1
+                heapq.heappush(sl, (d, self._seq, pid, r))
+            elif d > sl[0][0]:
+                self._seq += 1
+                heapq.heapreplace(sl, (d, self._seq, pid, r))
+            recent(r)
+            tid = r.tid
+            end = r.end
+            begin = end - d
+            if tid in last_done or len(last_done) < MAX_TIDS:
+                last_done[tid] = (begin, end, rs)
+            if inflight:
+                f = inflight.get(tid)
+                if f is not None and begin >= f.start - 0.005:
+                    del inflight[tid]
+            if pending:
+                waiting = pending.get(tid)
+                if waiting:
+                    for p in waiting:
+                        if p.t > end:
+                            break
+                        if not p.done and p.t >= begin:
+                            p.done = True
+                            self._attribute(p, rs)
+            sec = ceil(end - phase)
+            c = by_sec.get(sec)
+            if c is None:
+                if len(by_sec) >= MAX_REQ_SECONDS:
+                    del by_sec[min(by_sec)]
+                c = by_sec[sec] = {}
+            c[rs.route] = c.get(rs.route, 0) + 1
+        w.served += len(dg.requests)
+
+    def _frame(self, f: Frame) -> str:
+        s = self._frames.get(f)
+        if s is None:
+            if len(self._frames) >= 50_000:
+                self._frames.clear()
+            s = self._frames[f] = str(f)
+        return s
+
+    def _sample(self, s: StackSample, now: float) -> None:
+        w = self._workers.get(s.pid)
+        if w is None:
+            if self._tick is not None:
+                return
+            w = self._worker_for(s.pid, now)
+            if w is None:
+                return
+        if w.sample_t is not None and s.t < w.sample_t:
+            return
+        self._samples += 1
+        prev = w.threads
+        threads: Dict[int, ThreadState] = {}
+        reqfn = self._reqfn
+        for th in s.threads[:MAX_THREADS]:
+            frames = tuple(self._frame(f) for f in th.frames)
+            cut = request_cut(tuple(f.name for f in th.frames), reqfn)
+            in_req = cut >= 0
+            since = s.t
+            old = prev.get(th.tid)
+            if in_req and old is not None and old.in_request and old.frames == frames:
+                since = old.since
+            threads[th.tid] = ThreadState(th.tid, th.name, th.active, frames, in_req, since, s.t)
+            self._pend(w, th.tid, s.t, frames, cut)
+        w.threads = threads
+        w.sample_t = s.t
+        w.sample_n += 1
+
+    def _pend(self, w: WorkerState, tid: int, t: float, frames: Tuple[str, ...], cut: int) -> None:
+        """Queue one sampled thread for joining with the request it was serving."""
+        f = w.inflight.get(tid)
+        done = w.last_done.get(tid)
+        if cut < 0 and f is None and done is None:
+            return
+        own = frames[:cut] if cut > 0 else (frames[:1] if cut == 0 else frames)
+        if done is not None and done[0] <= t <= done[1]:
+            self._attribute(Pending(t, own, None), done[2])  # type: ignore[arg-type]
+            return
+        route = None
+        if f is not None and f.start <= t and f.route != PENDING:
+            route = self._route((f.route, f.method))
+        p = Pending(t, own, route)
+        lst = w.pending.get(tid)
+        if lst is None:
+            if len(w.pending) >= MAX_TIDS:
+                return
+            lst = w.pending[tid] = []
+        lst.append(p)
+        self._queue.append((w.pid, tid, p))
+        if len(self._queue) > self.cfg.max_pending_samples:
+            self._mature(math.inf, 1)
+
+    def _mature(self, now: float, force: int = 0) -> None:
+        delay = self.cfg.attribution_delay_s
+        q = self._queue
+        while q and (force > 0 or q[0][2].t + delay <= now):
+            force -= 1
+            pid, tid, p = q.popleft()
+            w = self._workers.get(pid)
+            rs = p.route
+            if w is not None:
+                lst = w.pending.get(tid)
+                if lst:
+                    if lst[0] is p:
+                        lst.pop(0)
+                    elif p in lst:
+                        lst.remove(p)
+                    if not lst:
+                        del w.pending[tid]
+                f = w.inflight.get(tid)
+                if f is not None and f.start <= p.t and f.route != PENDING:
+                    rs = self._route((f.route, f.method))
+            if not p.done and rs is not None:
+                p.done = True
+                self._attribute(p, rs)  # type: ignore[arg-type]
+
+    def _attribute(self, p: Pending, rs: RouteStats) -> None:
+        rs.hot_samples += 1
+        hot = rs.hot
+        seen = set()
+        for f in p.frames:
+            if f not in seen:
+                seen.add(f)
+                hot[f] = hot.get(f, 0) + 1
+        if p.leaf:
+            rs.hot_leaf[p.leaf] = rs.hot_leaf.get(p.leaf, 0) + 1
+        kept = self.cfg.hot_frames_kept
+        if len(hot) > 2 * kept:
+            rs.hot = _top(hot, kept)
+        if len(rs.hot_leaf) > 2 * kept:
+            rs.hot_leaf = _top(rs.hot_leaf, kept)
+
+    def _topology(self, tick: TopologyTick, now: float) -> None:
+        first = self._tick is None
+        cfg = self.cfg
+        live = {ps.pid: ps for ps in tick.workers}
+        departures: List[Departure] = []
+        arrivals: List[Arrival] = []
+        for pid, w in list(self._workers.items()):
+            ps = live.get(pid)
+            if ps is None or (w.create_time >= 0 and abs(ps.create_time - w.create_time) > 0.5):
+                if not first:
+                    departures.append(self._departure(w, tick))
+                self._evict(pid)
+        for ps in tick.workers:
+            w = self._workers.get(ps.pid)
+            if w is None:
+                w = WorkerState(ps.pid, ps.create_time, tick.t, first, cfg.series_points,
+                                cfg.recent_requests)
+                self._workers[ps.pid] = w
+                if not first:
+                    arrivals.append(Arrival(ps.pid, tick.t, ps.create_time))
+            elif w.create_time < 0:
+                w.create_time = ps.create_time
+            self._stats(w, ps)
+        self._churn.master(tick.t, tick.master_pid, tick.master_alive, tick.new_master_pid)
+        if not first:
+            self._churn.observe(tick.t, self._count, len(live), arrivals, departures,
+                                tick.config.effective_timeout, tick.config.max_requests)
+        self._count = len(live)
+        self._tick = tick
+        self._foreign.clear()
+
+    def _evict(self, pid: int) -> None:
+        del self._workers[pid]
+        for key in [k for k in self._pid_states if k[1] == pid]:
+            del self._pid_states[key]
+
+    def _departure(self, w: WorkerState, tick: TopologyTick) -> Departure:
+        views = self._inflight_views(w, tick.t)
+        oldest = views[0] if views else None
+        hb = w.stats.heartbeat_age_s if w.stats is not None else None
+        born = w.create_time if w.create_time >= 0 else w.first_seen
+        return Departure(
+            w.pid, tick.t, max(0.0, tick.t - born),
+            oldest.route if oldest is not None else None,
+            oldest.method if oldest is not None else "",
+            self._stack(w, oldest),
+            oldest.elapsed_s if oldest is not None else None,
+            hb, w.served, bool(views), not w.pre_attach and w.beacon_t is not None)
+
+    def _stats(self, w: WorkerState, ps: ProcStats) -> None:
+        w.stats = ps
+        w.traced_ticks = w.traced_ticks + 1 if ps.status == "tracing-stop" else 0
+        if ps.rss is not None:
+            mb = ps.rss / MB
+            self._growth(w, ps.t, mb)
+            w.rss.add(ps.t, mb)
+        if ps.num_fds is not None:
+            w.fds.add(ps.t, float(ps.num_fds))
+        if ps.num_connections is not None:
+            w.conns.add(ps.t, float(ps.num_connections))
+
+    def _growth(self, w: WorkerState, t: float, mb: float) -> None:
+        """Join RSS growth per second with the routes of requests that ended in that second."""
+        sec = math.floor(t)
+        w.phase = t - sec
+        last = w.last_rss
+        w.last_rss = (t, mb)
+        if last is not None and 0 < t - last[0] <= 2.5:
+            w.growth_by_sec[sec] = mb - last[1]
+        ripe = sec - math.ceil(self.cfg.leak_route_delay_s)
+        for s in sorted(k for k in w.growth_by_sec if k <= ripe):
+            self._correlate(w, w.growth_by_sec.pop(s), w.req_by_sec.pop(s, None))
+        for s in [k for k in w.req_by_sec if k <= ripe]:
+            del w.req_by_sec[s]
+        while len(w.growth_by_sec) > MAX_REQ_SECONDS:
+            del w.growth_by_sec[min(w.growth_by_sec)]
+
+    def _correlate(self, w: WorkerState, d: float, counts: Optional[Dict[str, int]]) -> None:
+        c = w.corr
+        c[0] += 1.0
+        c[1] += d
+        c[2] += d * d
+        if counts:
+            total = sum(counts.values())
+            for route, n in counts.items():
+                a = w.corr_routes.get(route)
+                if a is None:
+                    a = w.corr_routes[route] = [0.0, 0.0, 0.0, 0.0]
+                a[0] += n
+                a[1] += n * n
+                a[2] += n * d
+                if d > 0:
+                    a[3] += d * n / total
+        if c[0] >= self.cfg.leak_window_s:
+            w.corr = [x / 2 for x in c]
+            for a in w.corr_routes.values():
+                for i in range(4):
+                    a[i] /= 2
+
+    def _listener_stats(self, ev: ListenerStats, now: float) -> None:
+        self._listener = ev
+        self._losses.append((now, self._loss_total()))
+
+    def _loss_total(self) -> int:
+        ev = self._listener
+        base = self._app_dropped
+        if ev is not None:
+            base += ev.lost + (ev.kernel_drops or 0) + ev.dropped_backlog
+        return base
+
+    def _source_state(self, ev: SourceState) -> None:
+        if ev.pid is None:
+            self._states[ev.source] = ev
+        elif ev.pid in self._workers or self._tick is None:
+            if len(self._pid_states) < 4096 or (ev.source, ev.pid) in self._pid_states:
+                self._pid_states[(ev.source, ev.pid)] = ev
+
+    # ------------------------------------------------------------------ reading
+
+    def sizes(self) -> Dict[str, int]:
+        """How many entries each store holds (for tests and benchmarks of boundedness)."""
+        ws = self._workers.values()
+        return {
+            "routes": len(self._routes) + (self._other is not None),
+            "workers": len(self._workers),
+            "events": len(self._churn.events),
+            "pending_exits": len(self._churn.exits) + len(self._churn.starts),
+            "pending_samples": len(self._queue),
+            "frames_cache": len(self._frames),
+            "hot_frames": sum(len(r.hot) + len(r.hot_leaf) for r in self._all_routes()),
+            "history_points": sum(len(r.history) for r in self._all_routes()),
+            "sketch_buckets": sum(len(r.total.buckets) + sum(len(s.buckets) for s in r.slots)
+                                  for r in self._all_routes()),
+            "series_points": sum(len(w.rss) + len(w.fds) + len(w.conns) for w in ws),
+            "recent_requests": sum(len(w.recent) for w in ws),
+            "per_worker_maps": sum(len(w.last_done) + len(w.pending) + len(w.req_by_sec)
+                                   + len(w.growth_by_sec) + len(w.corr_routes) for w in ws),
+            "source_states": len(self._pid_states) + len(self._states),
+            "foreign_pids": len(self._foreign),
+            "distinct_dropped": len(self._dropped._heap),
+        }
+
+    def _all_routes(self) -> List[RouteStats]:
+        rs = list(self._routes.values())
+        if self._other is not None:
+            rs.append(self._other)
+        return rs
+
+    def _inflight_views(self, w: WorkerState, now: float) -> List[InFlightView]:
+        if w.inflight:
+            views = [InFlightView(f.route, f.method, f.tid, f.start, max(0.0, now - f.start))
+                     for f in w.inflight.values()]
+        elif w.beacon_t is None and w.sample_t is not None \
+                and now - w.sample_t <= self.cfg.thread_stale_s:
+            views = [InFlightView(NO_ROUTE, "", th.tid, th.since, max(0.0, th.t - th.since),
+                                  "stack")
+                     for th in w.threads.values() if th.in_request]
+        else:
+            return []
+        views.sort(key=lambda v: (v.start, v.tid))
+        return views
+
+    def _stack(self, w: WorkerState, view: Optional[InFlightView]) -> Optional[Tuple[str, ...]]:
+        th = w.threads.get(view.tid) if view is not None else None
+        if th is None:
+            th = w.main_thread()
+        return th.frames if th is not None else None
+
+    def snapshot(self, now: float) -> Snapshot:
+        """The picture at ``now``. Reading changes nothing the next feed would see."""
+        cfg = self.cfg
+        tick = self._tick
+        timeout = tick.config.effective_timeout if tick is not None else 30.0
+        epoch = math.floor(now / self._slot_s)
+        span = max(1.0, min(now - (epoch - self._nslots + 1) * self._slot_s, now - self.start))
+
+        route_views, usual, rows = self._route_views(now, epoch, span)
+        workers, notes = self._worker_views(now, timeout, usual)
+        in_flight: Dict[RouteKey, int] = {}
+        for wv in workers:
+            for v in wv.in_flight_all:
+                in_flight[(v.route, v.method)] = in_flight.get((v.route, v.method), 0) + 1
+        if in_flight:
+            route_views = [_with(rv, in_flight=in_flight[(rv.route, rv.method)])
+                           if (rv.route, rv.method) in in_flight else rv for rv in route_views]
+        total = sum(r[0] for r in rows.values())
+        errors = sum(r[1] for r in rows.values())
+        busy = sum(r[2] for r in rows.values())
+        capacity = self._capacity()
+        util = busy / (capacity * span) if capacity else None
+        counts = {k: r[0] for k, r in rows.items()}
+        judge = Judge(cfg, now, timeout)
+        route_views = judge.routes(route_views, util, counts)
+        problems = judge.problems(route_views, workers, notes, self._churn, counts,
+                                  {k: r[1] for k, r in rows.items()},
+                                  {(r.route, r.method): r.last_exc for r in self._all_routes()
+                                   if r.last_exc})
+        return Snapshot(
+            t=now,
+            attached_s=max(0.0, now - self.start),
+            master=self._master_view(),
+            workers=tuple(workers),
+            routes=tuple(route_views),
+            problems=problems,
+            events=tuple(self._churn.events),
+            sources=self._source_views(now),
+            beacon=self._beacon_view(now),
+            rps=total / span,
+            error_rate=errors / total if total else 0.0,
+            routes_dropped=self._dropped.estimate(),
+            utilization=util,
+        )
+
+    def _capacity(self) -> Optional[int]:
+        tick = self._tick
+        if tick is None:
+            return None
+        cls = tick.config.effective_worker_class
+        n = len(tick.workers)
+        if cls == "sync":
+            return n
+        if cls == "gthread":
+            return n * max(1, tick.config.threads or 1)
+        return None  # async workers: concurrency is not a fixed number
+
+    def _route_views(self, now: float, epoch: int,
+                     span: float) -> Tuple[List[RouteView], Dict[RouteKey, float],
+                                           Dict[RouteKey, Tuple[int, int, float]]]:
+        """Route views (most busy time first), each route's usual p95 (s), window counts."""
+        cfg = self.cfg
+        sk = self._sk
+        rows = []
+        usual: Dict[RouteKey, float] = {}
+        counts: Dict[RouteKey, Tuple[int, int, float]] = {}
+        all_busy = 0.0
+        for rs in self._all_routes():
+            win = rs.window_slots(epoch)
+            c, e, busy, mx = window_counts(win)
+            all_busy += busy
+            rows.append((rs, win, c, e, busy, mx))
+        out: List[Tuple[float, int, str, str, RouteView]] = []
+        for rs, win, c, e, busy, mx in rows:
+            key = (rs.route, rs.method)
+            counts[key] = (c, e, busy)
+            tot = rs.total
+            t50, t95, t99 = tot.quantiles((0.5, 0.95, 0.99))
+            if tot.count >= cfg.stuck_min_route_count and t95 is not None:
+                usual[key] = t95
+            if c:
+                p50, p95, p99 = window_quantiles(win, sk, c, mx)
+                wmax: Optional[float] = mx
+            else:
+                p50, p95, p99, wmax = t50, t95, t99, (tot.max if tot.count else None)
+            n = cfg.hot_frames_shown
+            hs = max(1, rs.hot_samples)
+            top = heapq.nsmallest(n, rs.hot.items(), key=lambda kv: (-kv[1], kv[0]))
+            hot = tuple(HotFrame(f, cnt, cnt / hs, rs.hot_leaf.get(f, 0)) for f, cnt in top)
+            history = list(rs.history)
+            history.extend(slot_point(s, self._slot_s, sk) for s in
+                           sorted((s for s in rs.slots if 0 <= s.epoch < epoch and s.count),
+                                  key=lambda s: s.epoch))
+            hist = tuple((round(ub * 1000.0, 3), cnt) for ub, cnt in tot.histogram(cfg.histogram_bins))
+            rv = RouteView(
+                route=rs.route, method=rs.method, count=rs.count, errors=rs.errors,
+                rate=c / span, error_rate=e / c if c else 0.0,
+                p50_ms=_ms(p50), p95_ms=_ms(p95), p99_ms=_ms(p99), max_ms=_ms(wmax),
+                share=busy / all_busy if all_busy > 0 else 0.0,
+                total_p50_ms=_ms(t50), total_p95_ms=_ms(t95), total_p99_ms=_ms(t99),
+                total_max_ms=_ms(tot.max) if tot.count else None,
+                hot_frames=hot, slowest=slowest(win, cfg.slowest_per_route, rs.route, rs.method),
+                histogram=hist, history=tuple(history[-cfg.history_points:]),
+            )
+            out.append((-busy, -c, rs.route, rs.method, rv))
+        out.sort(key=lambda x: x[:4])
+        return [x[4] for x in out], usual, counts
+
+    def _worker_views(self, now: float, timeout: float,
+                      usual: Dict[RouteKey, float]) -> Tuple[List[WorkerView], Dict[int, Notes]]:
+        cfg = self.cfg
+        out: List[WorkerView] = []
+        notes: Dict[int, Notes] = {}
+        floor = max(cfg.stuck_floor_min_s, cfg.stuck_floor_fraction * timeout)
+        hard = cfg.stuck_timeout_fraction * timeout
+        cls = self._tick.config.effective_worker_class if self._tick is not None else "sync"
+        for pid in sorted(self._workers):
+            w = self._workers[pid]
+            ps = w.stats
+            views = self._inflight_views(w, now)
+            oldest = views[0] if views else None
+            stuck_for: Optional[float] = None
+            why: Dict[int, str] = {}
+            if oldest is not None:
+                p95 = usual.get((oldest.route, oldest.method)) if oldest.source == "beacon" else None
+                age = oldest.elapsed_s
+                if age >= hard:
+                    stuck_for = age
+                    why[pid] = f"over half the timeout ({timeout:.0f} s)"
+                elif p95 is not None and age >= floor and age >= cfg.stuck_p95_multiple * p95:
+                    stuck_for = age
+                    why[pid] = f"{age / max(p95, 1e-9):.0f}x the route's usual p95 ({p95 * 1000:.0f} ms)"
+            hb = ps.heartbeat_age_s if ps is not None else None
+            if stuck_for is None and hb is not None and hb >= cfg.heartbeat_stuck_fraction * timeout \
+                    and (oldest is None or oldest.source == "stack"):
+                stuck_for = hb
+                why[pid] = f"gunicorn heartbeat {hb:.0f} s old ({cls} worker)"
+            if ps is not None and (ps.status == "stopped" or w.traced_ticks >= 2):
+                state = STOPPED
+                why.pop(pid, None)
+                stuck_for = None
+            elif stuck_for is not None:
+                state = STUCK
+            elif views:
+                state = BUSY
+            elif w.beacon_t is not None or w.sample_t is not None:
+                state = IDLE
+            elif not w.pre_attach and now - w.first_seen < cfg.starting_grace_s:
+                state = STARTING
+            else:
+                state = UNKNOWN
+            by_tid = {v.tid: v for v in views}
+            threads = tuple(ThreadView(th.tid, th.name, th.active, th.frames, by_tid.get(th.tid))
+                            for th in sorted(w.threads.values(), key=lambda x: x.tid))
+            born = w.create_time if w.create_time >= 0 else w.first_seen
+            mem = trend(w.rss, now, born, warmup_s=cfg.leak_warmup_s,
+                        min_span_s=cfg.leak_min_span_s, min_points=cfg.leak_min_points,
+                        window_s=cfg.leak_window_s, min_r2=cfg.leak_min_r2,
+                        flatten_ratio=cfg.leak_flatten_ratio,
+                        min_rate_per_s=cfg.leak_min_mb_per_min / 60.0,
+                        min_growth=cfg.leak_min_growth_mb)
+            rate = mem.rate_per_s
+            if rate is None:
+                f = w.rss.fit_since(now - cfg.leak_window_s)
+                rate = f.slope if f is not None and f.n >= 10 else None
+            fd, fd_rate = self._fd_trend(w, now, born)
+            if why or mem.growing or fd:
+                notes[pid] = Notes(why.get(pid), mem if mem.growing else None, fd)
+            out.append(WorkerView(
+                pid=pid, state=state, started=born,
+                rss_bytes=ps.rss if ps is not None else None,
+                uss_bytes=ps.uss if ps is not None else None,
+                pss_bytes=ps.pss if ps is not None else None,
+                cpu_percent=finite(ps.cpu_percent) if ps is not None else None,
+                num_threads=ps.num_threads if ps is not None else None,
+                num_fds=ps.num_fds if ps is not None else None,
+                num_connections=ps.num_connections if ps is not None else None,
+                heartbeat_age_s=finite(hb),
+                rss_history=tuple(v * MB for v in w.rss.values()),
+                fd_history=w.fds.values(),
+                growth_mb_per_min=finite(rate * 60.0) if rate is not None else None,
+                leak_suspected=mem.growing,
+                leak_routes=self._leak_routes(w) if mem.growing else (),
+                in_flight=oldest,
+                in_flight_all=tuple(views),
+                stack=self._stack(w, oldest),
+                threads=threads,
+                recent_requests=tuple(
+                    RequestRecord(r.route, r.method, r.status, round(r.duration_s * 1000.0, 3),
+                                  pid, r.tid, r.end, r.exc, r.size)
+                    for r in reversed(w.recent)),
+                requests_served=w.served,
+                stuck_for_s=stuck_for,
+                missing=tuple(f"{name}: {reason}" for name, reason in ps.missing)
+                if ps is not None else (),
+                fd_growth_per_min=finite(fd_rate * 60.0) if fd_rate is not None else None,
+                fd_leak_suspected=fd is not None,
+            ))
+        return out, notes
+
+    def _fd_trend(self, w: WorkerState, now: float,
+                  born: float) -> Tuple[Optional[str], Optional[float]]:
+        """A one-line fd/connection leak verdict (or None) and the fd growth rate per second."""
+        cfg = self.cfg
+        rate: Optional[float] = None
+        for series, what in ((w.fds, "file descriptors"), (w.conns, "connections")):
+            tr = trend(series, now, born, warmup_s=cfg.leak_warmup_s,
+                       min_span_s=cfg.leak_min_span_s, min_points=cfg.leak_min_points,
+                       window_s=cfg.leak_window_s, min_r2=cfg.leak_min_r2,
+                       flatten_ratio=cfg.leak_flatten_ratio,
+                       min_rate_per_s=cfg.fd_leak_min_per_min / 60.0,
+                       min_growth=cfg.fd_leak_min_growth)
+            if rate is None:
+                rate = tr.rate_per_s
+            if tr.growing and tr.rate_per_s is not None:
+                last = series.last()
+                now_n = int(last[1]) if last is not None else 0
+                return (f"{what} grow {tr.rate_per_s * 60:.1f}/min for {tr.window_s / 60:.1f} min "
+                        f"(now {now_n})", tr.rate_per_s)
+        return None, rate
+
+    def _leak_routes(self, w: WorkerState) -> Tuple[Tuple[str, float], ...]:
+        cfg = self.cfg
+        s, sd, sdd = w.corr
+        vd = s * sdd - sd * sd
+        if s < 2 or vd <= 1e-12:
+            return ()
+        scored = []
+        total = sum(a[3] for a in w.corr_routes.values() if a[3] > 0)
+        for route, (sn, snn, snd, grown) in w.corr_routes.items():
+            vn = s * snn - sn * sn
+            if vn <= 1e-12 or grown <= 0:
+                continue
+            r = (s * snd - sn * sd) / math.sqrt(vn * vd)
+            if r >= cfg.leak_route_min_corr:
+                scored.append((-r, route, grown / total if total > 0 else 0.0))
+        scored.sort()
+        return tuple((route, round(share, 4)) for _, route, share in scored[:cfg.leak_routes_shown])
+
+    def _master_view(self) -> Optional[MasterView]:
+        tick = self._tick
+        if tick is None:
+            return None
+        g = tick.config
+        m = tick.master
+        return MasterView(
+            pid=tick.master_pid, alive=tick.master_alive, worker_class=g.effective_worker_class,
+            workers=g.workers, threads=g.threads, timeout=g.effective_timeout,
+            max_requests=g.max_requests, bind=g.bind, app=g.app, preload=g.preload,
+            rss_bytes=m.rss if m is not None else None,
+            cpu_percent=finite(m.cpu_percent) if m is not None else None,
+            new_master_pid=tick.new_master_pid)
+
+    def _source_views(self, now: float) -> Tuple[SourceView, ...]:
+        cfg = self.cfg
+        out = []
+        st = self._states.get("psutil")
+        if st is not None and st.state != "ok":
+            out.append(SourceView("psutil", st.state, st.detail))
+        elif self._tick is not None:
+            out.append(SourceView("psutil", "ok", st.detail if st is not None else
+                                  f"{len(self._tick.workers)} workers"))
+        else:
+            out.append(SourceView("psutil", "waiting", "no reading of the gunicorn master yet"))
+
+        st = self._states.get("pyspy")
+        failed = sorted((pid, s) for (src, pid), s in self._pid_states.items()
+                        if src == "pyspy" and s.state != "ok" and pid in self._workers)
+        if st is not None and st.state != "ok":
+            out.append(SourceView("pyspy", st.state, st.detail))
+        elif failed:
+            pids = ", ".join(str(p) for p, _ in failed[:5]) + ("..." if len(failed) > 5 else "")
+            out.append(SourceView("pyspy", "degraded",
+                                  f"py-spy failed for {len(failed)} of {len(self._workers)} "
+                                  f"workers ({pids}): {failed[0][1].detail}"))
+        elif st is not None or self._samples:
+            out.append(SourceView("pyspy", "ok", st.detail if st is not None else ""))
+        else:
+            out.append(SourceView("pyspy", "waiting", "no stack sample yet"))
+
+        st = self._states.get("beacon")
+        addr = self._listener.address if self._listener is not None else ""
+        if st is not None and st.state not in ("ok", "waiting", "degraded"):
+            out.append(SourceView("beacon", st.state, st.detail))
+        elif self._heard is None:
+            out.append(SourceView("beacon", "waiting", st.detail if st is not None and st.detail else
+                                  f"no datagram yet{' on ' + addr if addr else ''}: instrument the "
+                                  "app with flasktop.beacon.Beacon(app)"))
+        elif now - self._heard > cfg.beacon_silent_s:
+            out.append(SourceView("beacon", "degraded",
+                                  f"no datagram for {now - self._heard:.0f} s"))
+        else:
+            lost = self._recent_losses(now)
+            detail = ""
+            if self._ignored:
+                detail = f"{self._ignored} datagrams from pids that are not this master's workers"
+            if lost:
+                out.append(SourceView("beacon", "degraded",
+                                      f"lost {lost} events or datagrams in the last "
+                                      f"{cfg.beacon_loss_window_s:.0f} s"
+                                      + ("; " + detail if detail else "")))
+            else:
+                out.append(SourceView("beacon", "ok", detail))
+        return tuple(out)
+
+    def _recent_losses(self, now: float) -> int:
+        cur = self._loss_total()
+        base = None
+        for t, v in self._losses:
+            if t >= now - self.cfg.beacon_loss_window_s:
+                break
+            base = v
+        if base is None:
+            base = self._losses[0][1] if self._losses else 0
+            if self._losses and self._losses[0][0] >= now - self.cfg.beacon_loss_window_s:
+                base = 0
+        return max(0, cur - base)
+
+    def _beacon_view(self, now: float) -> BeaconView:
+        ev = self._listener
+        heard = now - self._heard if self._heard is not None else None
+        if ev is None:
+            return BeaconView(app_dropped=self._app_dropped, last_heard_s=heard,
+                              ignored=self._ignored)
+        return BeaconView(address=ev.address, received=ev.received, accepted=ev.accepted,
+                          events=ev.events, rejected=ev.rejected, lost=ev.lost,
+                          kernel_drops=ev.kernel_drops, app_dropped=self._app_dropped,
+                          senders=ev.senders, last_heard_s=heard, ignored=self._ignored)
+
+
+def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
+    return dict(heapq.nsmallest(n, counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _ms(x: Optional[float]) -> Optional[float]:
+    return round(x * 1000.0, 3) if x is not None and math.isfinite(x) else None
+
+
+def _with(rv: RouteView, **kw: object) -> RouteView:
+    from dataclasses import replace
+
+    return replace(rv, **kw)  # type: ignore[arg-type]
