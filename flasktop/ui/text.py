@@ -1,0 +1,202 @@
+"""Plain-text helpers: outside strings made safe, numbers made short."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from rich.text import Text
+
+PLACEHOLDER = "\ufffd"
+DASH = "—"
+ELLIPSIS = "…"
+
+
+def _build_table() -> Dict[int, str]:
+    table: Dict[int, str] = {}
+    for c in range(0x20):
+        table[c] = chr(0x2400 + c)  # control pictures: ␀ … ␛ … ␟
+    table[0x7F] = "\u2421"  # ␡
+    unsafe = list(range(0x80, 0xA0))  # C1 controls
+    unsafe += [0x061C, 0x180E, 0x2028, 0x2029, 0xFEFF]
+    unsafe += list(range(0x200B, 0x2010))  # zero-width space/joiners, LRM, RLM
+    unsafe += list(range(0x202A, 0x202F))  # bidi embeddings and overrides
+    unsafe += list(range(0x2060, 0x2070))  # word joiner, invisible operators, bidi isolates
+    unsafe += list(range(0xD800, 0xE000))  # lone surrogates (surrogateescape)
+    unsafe += list(range(0xFFF9, 0xFFFC))  # interlinear annotation controls
+    for c in unsafe:
+        table[c] = PLACEHOLDER
+    return table
+
+
+_TRANSLATE = _build_table()
+
+
+def clean(s: object, limit: int = 200) -> str:
+    """`s` as a str without control, bidi or zero-width characters, at most `limit` cells long."""
+    text = s if isinstance(s, str) else str(s)
+    if len(text) > limit * 4:
+        text = text[: limit * 4]
+    text = text.translate(_TRANSLATE)
+    if len(text) > limit:
+        text = text[: max(0, limit - 1)] + ELLIPSIS
+    return text
+
+
+def safe_text(s: object, limit: int = 200, style: str = "") -> Text:
+    """Outside text as a plain rich Text: never markup, never a control sequence."""
+    return Text(clean(s, limit), style=style, no_wrap=True, overflow="ellipsis", end="")
+
+
+def join(*parts: Text | str | tuple, sep: str = "") -> Text:
+    """Assemble Text from safe pieces; str pieces are ours (never outside text), never markup."""
+    out = Text(end="", no_wrap=True, overflow="ellipsis")
+    first = True
+    for part in parts:
+        if part is None or part == "":
+            continue
+        if not first and sep:
+            out.append(sep)
+        first = False
+        if isinstance(part, tuple):
+            out.append(part[0], style=part[1])
+        else:
+            out.append(part)
+    return out
+
+
+def fmt_ms(ms: Optional[float]) -> str:
+    if ms is None or (isinstance(ms, float) and math.isnan(ms)):
+        return DASH
+    if ms < 1:
+        return f"{ms:.2f}ms"
+    if ms < 10:
+        return f"{ms:.1f}ms"
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    if ms < 10_000:
+        return f"{ms / 1000:.2f}s"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f}s"
+    return fmt_duration(ms / 1000)
+
+
+def fmt_duration(s: Optional[float]) -> str:
+    if s is None:
+        return DASH
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    if s < 86400:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
+
+
+def fmt_bytes(b: Optional[float]) -> str:
+    if b is None:
+        return DASH
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if abs(b) >= size:
+            v = b / size
+            return f"{v:.1f}{unit}" if abs(v) < 10 else f"{v:.0f}{unit}"
+    return f"{b:.0f}B"
+
+
+def fmt_rate(r: Optional[float]) -> str:
+    if r is None:
+        return DASH
+    if r == 0:
+        return "0/s"
+    if r < 0.1:
+        return "<0.1/s"
+    if r < 10:
+        return f"{r:.1f}/s"
+    return f"{r:.0f}/s"
+
+
+def fmt_pct(x: Optional[float]) -> str:
+    if x is None:
+        return DASH
+    p = x * 100
+    if p == 0:
+        return "0%"
+    if p < 0.1:
+        return "<0.1%"
+    if p < 10:
+        return f"{p:.1f}%"
+    return f"{p:.0f}%"
+
+
+def fmt_growth(mb_per_min: Optional[float]) -> str:
+    if mb_per_min is None:
+        return DASH
+    if abs(mb_per_min) < 0.05:
+        return "0.0"
+    return f"{mb_per_min:+.1f}" if abs(mb_per_min) < 100 else f"{mb_per_min:+.0f}"
+
+
+def fmt_ago(now: float, t: float) -> str:
+    return fmt_duration(now - t) + " ago"
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+EIGHTHS = " ▁▂▃▄▅▆▇█"
+H_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def sparkline(values: Sequence[float], width: int) -> str:
+    """The last `width` values as block characters scaled between their min and max."""
+    if width <= 0 or not values:
+        return ""
+    vals = list(values[-width:])
+    lo, hi = min(vals), max(vals)
+    span = hi - lo
+    if span <= 0:
+        return SPARKS[0] * len(vals)
+    top = len(SPARKS) - 1
+    return "".join(SPARKS[min(top, int((v - lo) / span * top + 0.5))] for v in vals)
+
+
+def hbar(fraction: float, width: int) -> str:
+    """A horizontal bar `width` cells wide filled to `fraction` (0..1) with eighth blocks."""
+    if width <= 0:
+        return ""
+    fraction = min(1.0, max(0.0, fraction))
+    eighths = int(round(fraction * width * 8))
+    full, part = divmod(eighths, 8)
+    bar = "█" * full + (H_EIGHTHS[part] if part else "")
+    return bar.ljust(width)
+
+
+def downsample(values: Sequence[float], width: int) -> List[float]:
+    """At most `width` points: the newest ones, the max of each bucket if there are many more."""
+    vals = list(values)
+    if width <= 0:
+        return []
+    if len(vals) <= width:
+        return vals
+    step = len(vals) / width
+    return [max(vals[int(i * step): max(int(i * step) + 1, int((i + 1) * step))]) for i in range(width)]
+
+
+def column_chart(values: Sequence[float], width: int, height: int, top: float,
+                 styles: Iterable[str] = ()) -> List[Text]:
+    """Vertical bars (eighth-block resolution), one column per value, as `height` lines."""
+    lines: List[Text] = []
+    vals = list(values)[-width:] if width > 0 else []
+    style_list = list(styles) or [""] * len(vals)
+    levels = [0.0 if top <= 0 else min(1.0, max(0.0, v / top)) * height * 8 for v in vals]
+    for row in range(height - 1, -1, -1):
+        line = Text(end="", no_wrap=True)
+        for level, style in zip(levels, style_list):
+            filled = level - row * 8
+            if filled >= 8:
+                line.append("█", style)
+            elif filled > 0:
+                line.append(EIGHTHS[max(1, int(filled))], style)
+            else:
+                line.append(" ")
+        lines.append(line)
+    return lines
