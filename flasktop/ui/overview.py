@@ -79,8 +79,8 @@ def header_text(snap: Optional[Snapshot], *, paused: bool, pending: int, attachi
     """Two lines: the master and the load; the sources and their state."""
     out = Text(end="", no_wrap=True, overflow="ellipsis")
     if paused:
-        out.append(" PAUSED ", "bold reverse yellow")
-        out.append(f" +{pending} " if pending else " ", "yellow")
+        out.append(f" PAUSED +{pending} " if pending else " PAUSED ", "bold reverse yellow")
+        out.append(" ")
     out.append_text(safe_text(title, 40, "bold"))
     if snap is None:
         out.append("  attaching to gunicorn " + (safe_text(attaching_to, 40).plain or "…"), "dim")
@@ -174,7 +174,7 @@ class RoutesTable(KeyedTable):
 
     def label_for(self, col: Col) -> str:
         if col.key in ("share", "share_pct") and self.sort_key == "share":
-            return col.label + ("▲" if self.sort_reverse else "▼")
+            return col.label + ("▼" if self.sort_reverse else "▲")
         return super().label_for(col)
 
     def cells(self, r: RouteView, widths: Dict[str, int]) -> List[Text]:

@@ -22,7 +22,7 @@ def paused_mark(app: object) -> Text:
     if not getattr(app, "paused", False):
         return Text("", end="")
     pending = int(getattr(app, "pending", 0))
-    return join((" PAUSED ", "bold reverse yellow"), (f" +{pending} " if pending else " ", "yellow"))
+    return join((f" PAUSED +{pending} " if pending else " PAUSED ", "bold reverse yellow"), " ")
 
 
 def status_style(status: int) -> str:

@@ -59,7 +59,7 @@ class KeyedTable(DataTable):
         raise NotImplementedError
 
     def label_for(self, col: Col) -> str:
-        mark = ("▲" if self.sort_reverse else "▼") if col.key == self.sort_key else ""
+        mark = ("▼" if self.sort_reverse else "▲") if col.key == self.sort_key else ""
         return col.label + mark
 
     # layout
