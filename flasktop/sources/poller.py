@@ -7,8 +7,9 @@ needs two readings) and dropped as soon as their pid leaves, so crash loops
 cannot grow our state. A field that cannot be read is None and named in
 ``missing`` with the reason; a process that vanishes mid-read is simply not live.
 
-Cost per tick: one pass over ``/proc/*/stat`` to find the master's children
-(or the kernel's ``children`` file where it exists), then per process one
+Cost per tick: a listing of ``/proc`` and a ``stat`` read of only the pids new
+since the last tick to find the master's children (or the kernel's
+``children`` file where it exists), then per process one
 ``oneshot()`` read of stat/statm/status, one readlink pass over its fds
 (count, sockets, heartbeat file) and one ``stat`` of its heartbeat file;
 USS/PSS (``smaps_rollup``) only every ``uss_interval``. See bench/poller_cost.py.
@@ -25,17 +26,55 @@ import psutil
 
 from flasktop.model.events import GunicornConfig, ProcStats, SourceState, TopologyTick
 from flasktop.sources.gunicorn import (
-    PROC, children_map, fd_targets, is_heartbeat_target, looks_like_gunicorn, new_master_verdict,
-    process_table, read_config, read_stat, socket_inodes,
+    PROC, fd_targets, is_heartbeat_target, looks_like_gunicorn, new_master_verdict, read_config,
+    read_stat, socket_inodes,
 )
 
 ROLE_SETTLE_S = 2.0  # a child younger than this may not have exec'd yet (USR2): re-check its role
 DENIED = "access denied"
-_BENIGN = ("first reading",)  # reasons that are not a problem with permissions or the system
+HB_STARTING = "several wgunicorn files open (worker starting)"
+HB_CLOSED = "heartbeat file closed (worker exiting)"
+_BENIGN = ("first reading", HB_STARTING, HB_CLOSED)  # passing states, not a problem to report
 _LABELS = {"num_fds": "fds", "num_connections": "sockets", "heartbeat_age_s": "heartbeat",
            "uss": "uss", "pss": "pss", "cpu_percent": "cpu", "num_threads": "threads", "rss": "rss",
            "status": "status"}
 _FIELD_ORDER = list(_LABELS)
+
+
+class _ProcessTable:
+    """pid -> ppid for the whole machine, refreshed incrementally.
+
+    A process's parent only changes when it is re-parented to init or a subreaper,
+    never *to* a gunicorn master, so only pids that are new since the last listing
+    need their ``stat`` read. A reused pid would have to wrap the whole pid space
+    between two refreshes to be missed; a full re-read every ``FULL_EVERY_S`` covers that.
+    """
+
+    FULL_EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self.ppid: Dict[int, int] = {}
+        self._full_at = -1e18
+
+    def refresh(self, mono: float) -> None:
+        try:
+            pids = {int(n) for n in os.listdir(PROC) if n.isdigit()}
+        except OSError:
+            return
+        if mono - self._full_at >= self.FULL_EVERY_S:
+            self._full_at = mono
+            self.ppid = {}
+        table = self.ppid
+        for pid in [p for p in table if p not in pids]:
+            del table[pid]
+        for pid in pids:
+            if pid not in table:
+                st = read_stat(pid)
+                if st is not None:
+                    table[pid] = st[1]
+
+    def children(self, pid: int) -> List[int]:
+        return [p for p, pp in self.ppid.items() if pp == pid]
 
 
 class _Gone(Exception):
@@ -125,7 +164,8 @@ class Poller:
         self._config_path: Optional[str] = None
         self._config_mtime: Optional[float] = None
         self._kernel_children: Optional[bool] = None
-        self._tick_kids: Optional[Dict[int, List[int]]] = None
+        self._table = _ProcessTable()
+        self._table_fresh = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -205,7 +245,7 @@ class Poller:
             self._master_dead = True
             return self._dead_tick(wall)
 
-        self._tick_kids = None
+        self._table_fresh = False
         kids = self._children(self.master_pid)
         seen: Set[int] = set()
         workers: List[ProcStats] = []
@@ -297,9 +337,10 @@ class Poller:
                 self._kernel_children = kids is not None
             if kids is not None:
                 return kids
-        if self._tick_kids is None:
-            self._tick_kids = children_map(process_table())
-        return self._tick_kids.get(pid, [])
+        if not self._table_fresh:
+            self._table.refresh(time.monotonic())
+            self._table_fresh = True
+        return self._table.children(pid)
 
     def _classify(self, tr: _Tracked, wall: float) -> None:
         """Worker or USR2 replacement master (final once the child is old enough to have exec'd)."""
@@ -390,8 +431,8 @@ class Poller:
         if tr.hb_fd not in files:
             tr.hb_fd = files[0] if len(files) == 1 else None
         if tr.hb_fd is None:
-            missing.append(("heartbeat_age_s", "several wgunicorn files open (worker starting)"
-                            if files else "no wgunicorn heartbeat file open"))
+            missing.append(("heartbeat_age_s", HB_STARTING if files
+                            else "no wgunicorn heartbeat file open"))
             return None
         try:
             st = os.stat(f"{PROC}/{tr.pid}/fd/{tr.hb_fd}")
@@ -400,7 +441,7 @@ class Poller:
             return None
         except OSError:
             tr.hb_fd = None
-            missing.append(("heartbeat_age_s", "heartbeat file closed"))
+            missing.append(("heartbeat_age_s", HB_CLOSED))
             return None
         return heartbeat_age(st, mono, wall)
 
