@@ -72,7 +72,8 @@ class Churn:
         self.new_master = new_master
 
     def observe(self, t: float, count_before: int, count_after: int, starts: List[Arrival],
-                exits: List[Departure], timeout: float, max_requests: Optional[int]) -> None:
+                exits: List[Departure], timeout: float, max_requests: Optional[int],
+                configured: Optional[int] = None) -> None:
         if self.master_exited_t is not None:
             return
         if starts or exits:
@@ -86,10 +87,10 @@ class Churn:
             return
         if (t - self.last_change >= self.cfg.settle_s or t - self.batch_t0 >= self.cfg.max_batch_s
                 or len(self.exits) + len(self.starts) >= self.cfg.max_pending_exits):
-            self._classify(t, count_after, timeout, max_requests)
+            self._classify(t, count_after, timeout, max_requests, configured)
 
     def _classify(self, t: float, count1: int, timeout: float,
-                  max_requests: Optional[int]) -> None:
+                  max_requests: Optional[int], configured: Optional[int]) -> None:
         cfg = self.cfg
         exits = sorted(self.exits, key=lambda d: (d.t, d.pid))
         starts = sorted(self.starts, key=lambda a: (a.create_time, a.pid))
@@ -133,7 +134,7 @@ class Churn:
             return
 
         removed = max(0, count0 - count1)
-        added = max(0, count1 - count0)
+        added = max(0, count1 - max(count0, configured or 0))  # filling up to --workers: started
         for d in rest:
             if removed and not d.busy:
                 removed -= 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple, TypeVar
 
 from flasktop.model.churn import Arrival, Churn, Departure
 from flasktop.model.config import ModelConfig
@@ -21,13 +21,14 @@ from flasktop.model.series import finite, trend
 from flasktop.model.sketch import ZERO_KEY, Sketch, quantiles_of
 from flasktop.model.snapshot import (
     BUSY, IDLE, STARTING, STOPPED, STUCK, UNKNOWN, BeaconView, HotFrame, InFlightView,
-    MasterView, RequestRecord, RouteView, Snapshot, SourceView, ThreadView, WorkerView,
+    LatencyPoint, MasterView, RequestRecord, RouteView, Snapshot, SourceView, ThreadView, WorkerView,
 )
 from flasktop.model.workers import (
     MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut,
 )
 from flasktop.protocol import KIND_INFLIGHT, KIND_REQUESTS, PENDING, Datagram
 
+T = TypeVar("T")
 NO_ROUTE = "<no beacon>"  # the route of a request seen only in a stack
 MAX_THREADS = 512  # per sample
 MAX_REQ_SECONDS = 64  # per worker, seconds of requests waiting to meet their RSS reading
@@ -146,6 +147,7 @@ class Model:
         for s in expired:
             if s.count:
                 rs.history.append(slot_point(s, self._slot_s, self._sk))
+                rs.archived += 1
             s.reset(-1)
         rs.slots[epoch % self._nslots].reset(epoch)
 
@@ -356,7 +358,8 @@ class Model:
         self._churn.master(tick.t, tick.master_pid, tick.master_alive, tick.new_master_pid)
         if not first:
             self._churn.observe(tick.t, self._count, len(live), arrivals, departures,
-                                tick.config.effective_timeout, tick.config.max_requests)
+                                tick.config.effective_timeout, tick.config.max_requests,
+                                tick.config.workers)
         self._count = len(live)
         self._tick = tick
         self._foreign.clear()
@@ -383,9 +386,8 @@ class Model:
         w.stats = ps
         w.traced_ticks = w.traced_ticks + 1 if ps.status == "tracing-stop" else 0
         if ps.rss is not None:
-            mb = ps.rss / MB
-            self._growth(w, ps.t, mb)
-            w.rss.add(ps.t, mb)
+            self._growth(w, ps.t, ps.rss / MB)
+            w.rss.add(ps.t, float(ps.rss))
         if ps.num_fds is not None:
             w.fds.add(ps.t, float(ps.num_fds))
         if ps.num_connections is not None:
@@ -575,23 +577,19 @@ class Model:
             key = (rs.route, rs.method)
             counts[key] = (c, e, busy)
             tot = rs.total
-            t50, t95, t99 = tot.quantiles((0.5, 0.95, 0.99))
+            t50, t95, t99, hist = self._memo(rs, "total", tot.count, lambda: self._totals(rs))
             if tot.count >= cfg.stuck_min_route_count and t95 is not None:
                 usual[key] = t95
             if c:
-                p50, p95, p99 = window_quantiles(win, sk, c, mx)
+                p50, p95, p99, slow = self._memo(rs, "window", (epoch, c),
+                                                 lambda: self._window(rs, win, c, mx))
                 wmax: Optional[float] = mx
             else:
                 p50, p95, p99, wmax = t50, t95, t99, (tot.max if tot.count else None)
-            n = cfg.hot_frames_shown
-            hs = max(1, rs.hot_samples)
-            top = heapq.nsmallest(n, rs.hot.items(), key=lambda kv: (-kv[1], kv[0]))
-            hot = tuple(HotFrame(f, cnt, cnt / hs, rs.hot_leaf.get(f, 0)) for f, cnt in top)
-            history = list(rs.history)
-            history.extend(slot_point(s, self._slot_s, sk) for s in
-                           sorted((s for s in rs.slots if 0 <= s.epoch < epoch and s.count),
-                                  key=lambda s: s.epoch))
-            hist = tuple((round(ub * 1000.0, 3), cnt) for ub, cnt in tot.histogram(cfg.histogram_bins))
+                slow = ()
+            hot = self._memo(rs, "hot", rs.hot_samples, lambda: self._hot(rs))
+            history = self._memo(rs, "history", (epoch, rs.archived),
+                                 lambda: self._history(rs, epoch))
             rv = RouteView(
                 route=rs.route, method=rs.method, count=rs.count, errors=rs.errors,
                 rate=c / span, error_rate=e / c if c else 0.0,
@@ -599,12 +597,45 @@ class Model:
                 share=busy / all_busy if all_busy > 0 else 0.0,
                 total_p50_ms=_ms(t50), total_p95_ms=_ms(t95), total_p99_ms=_ms(t99),
                 total_max_ms=_ms(tot.max) if tot.count else None,
-                hot_frames=hot, slowest=slowest(win, cfg.slowest_per_route, rs.route, rs.method),
-                histogram=hist, history=tuple(history[-cfg.history_points:]),
+                hot_frames=hot, slowest=slow, histogram=hist, history=history,
             )
             out.append((-busy, -c, rs.route, rs.method, rv))
         out.sort(key=lambda x: x[:4])
         return [x[4] for x in out], usual, counts
+
+    @staticmethod
+    def _memo(rs: RouteStats, part: str, version: object, make: Callable[[], T]) -> T:
+        """Recompute a part of a route view only when its inputs changed (pure memoisation)."""
+        hit = rs.memo.get(part)
+        if hit is not None and hit[0] == version:
+            return hit[1]  # type: ignore[no-any-return]
+        value = make()
+        rs.memo[part] = (version, value)
+        return value
+
+    def _totals(self, rs: RouteStats) -> Tuple[Optional[float], Optional[float], Optional[float],
+                                               Tuple[Tuple[float, int], ...]]:
+        t50, t95, t99 = rs.total.quantiles((0.5, 0.95, 0.99))
+        hist = tuple((round(ub * 1000.0, 3), cnt)
+                     for ub, cnt in rs.total.histogram(self.cfg.histogram_bins))
+        return t50, t95, t99, hist
+
+    def _window(self, rs: RouteStats, win: List[Slot], c: int, mx: float) -> tuple:
+        p50, p95, p99 = window_quantiles(win, self._sk, c, mx)
+        return p50, p95, p99, slowest(win, self.cfg.slowest_per_route, rs.route, rs.method)
+
+    def _hot(self, rs: RouteStats) -> Tuple[HotFrame, ...]:
+        hs = max(1, rs.hot_samples)
+        top = heapq.nsmallest(self.cfg.hot_frames_shown, rs.hot.items(),
+                              key=lambda kv: (-kv[1], kv[0]))
+        return tuple(HotFrame(f, cnt, cnt / hs, rs.hot_leaf.get(f, 0)) for f, cnt in top)
+
+    def _history(self, rs: RouteStats, epoch: int) -> Tuple[LatencyPoint, ...]:
+        history = list(rs.history)
+        history.extend(slot_point(s, self._slot_s, self._sk) for s in
+                       sorted((s for s in rs.slots if 0 <= s.epoch < epoch and s.count),
+                              key=lambda s: s.epoch))
+        return tuple(history[-self.cfg.history_points:])
 
     def _worker_views(self, now: float, timeout: float,
                       usual: Dict[RouteKey, float]) -> Tuple[List[WorkerView], Dict[int, Notes]]:
@@ -657,8 +688,8 @@ class Model:
                         min_span_s=cfg.leak_min_span_s, min_points=cfg.leak_min_points,
                         window_s=cfg.leak_window_s, min_r2=cfg.leak_min_r2,
                         flatten_ratio=cfg.leak_flatten_ratio,
-                        min_rate_per_s=cfg.leak_min_mb_per_min / 60.0,
-                        min_growth=cfg.leak_min_growth_mb)
+                        min_rate_per_s=cfg.leak_min_mb_per_min * MB / 60.0,
+                        min_growth=cfg.leak_min_growth_mb * MB)
             rate = mem.rate_per_s
             if rate is None:
                 f = w.rss.fit_since(now - cfg.leak_window_s)
@@ -676,9 +707,9 @@ class Model:
                 num_fds=ps.num_fds if ps is not None else None,
                 num_connections=ps.num_connections if ps is not None else None,
                 heartbeat_age_s=finite(hb),
-                rss_history=tuple(v * MB for v in w.rss.values()),
+                rss_history=w.rss.values(),
                 fd_history=w.fds.values(),
-                growth_mb_per_min=finite(rate * 60.0) if rate is not None else None,
+                growth_mb_per_min=finite(rate * 60.0 / MB) if rate is not None else None,
                 leak_suspected=mem.growing,
                 leak_routes=self._leak_routes(w) if mem.growing else (),
                 in_flight=oldest,

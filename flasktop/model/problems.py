@@ -57,18 +57,20 @@ class Judge:
         cfg = self.cfg
         judged = [v for v in views if counts.get((v.route, v.method), 0) >= cfg.slow_min_count
                   and v.p95_ms is not None]
+        typical = sorted(v.p95_ms or 0.0 for v in judged)
+        ids = {id(v) for v in judged}
         out = []
         for v in views:
             reason = None
-            if v in judged:
-                reason = self._slow(v, judged, util)
+            if id(v) in ids:
+                reason = self._slow(v, typical, util)
             if reason is not None:
                 self.why_slow[(v.route, v.method)] = reason
                 v = replace(v, slow=True)
             out.append(v)
         return out
 
-    def _slow(self, v: RouteView, judged: Sequence[RouteView],
+    def _slow(self, v: RouteView, p95s: List[float],
               util: Optional[float]) -> Optional[Tuple[int, str]]:
         cfg = self.cfg
         p95 = v.p95_ms or 0.0
@@ -82,7 +84,8 @@ class Judge:
             return SEV_SLOW + 10 + weight, f"{head}, takes {busy}{load}"
         if p95 >= cfg.slow_abs_p95_ms:
             return SEV_SLOW + 5 + weight, f"{head} ({v.rate:.1f}/s, {busy})"
-        others = sorted(o.p95_ms or 0.0 for o in judged if o is not v)
+        others = list(p95s)
+        others.remove(p95)  # the other routes' p95s, sorted
         if len(others) >= 2 and (util is None or util >= cfg.slow_rel_util):
             typical = others[len(others) // 2]
             if p95 >= cfg.slow_rel_multiple * max(typical, 1e-3):
@@ -116,7 +119,7 @@ class Judge:
             if w.state == STUCK and w.stuck_for_s is not None:
                 out.append(self._stuck(w, note))
             if w.leak_suspected and note.leak is not None:
-                rate = (note.leak.rate_per_s or 0.0) * 60.0
+                rate = (note.leak.rate_per_s or 0.0) * 60.0 / 1048576.0
                 culprits = ", ".join(f"{r} {s:.0%}" for r, s in w.leak_routes[:3])
                 rss = f", now {w.rss_bytes / 1048576:.0f} MB" if w.rss_bytes else ""
                 out.append(Problem(

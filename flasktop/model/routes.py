@@ -47,7 +47,7 @@ class Slot:
 
 class RouteStats:
     __slots__ = ("route", "method", "count", "errors", "total", "slots", "history",
-                 "hot", "hot_leaf", "hot_samples", "last_exc")
+                 "hot", "hot_leaf", "hot_samples", "last_exc", "archived", "memo")
 
     def __init__(self, route: str, method: str, slots: int, sketch: Sketch,
                  history: int) -> None:
@@ -64,6 +64,8 @@ class RouteStats:
         self.hot_leaf: Dict[str, int] = {}
         self.hot_samples = 0
         self.last_exc = ""
+        self.archived = 0  # history points ever archived (a version for memoisation)
+        self.memo: Dict[str, Tuple[object, object]] = {}
 
     def window_slots(self, epoch: int) -> List[Slot]:
         """The slots inside the window ending at ``epoch`` (inclusive), oldest first."""

@@ -146,6 +146,11 @@ def _steady(s: Series, now: float, w: Fit, min_r2: float, flatten_ratio: float,
         return False, third
     if third is None or third < flatten_ratio * w.slope:
         return False, third
+    end = now - w.span
+    i = s.index_at(end)
+    first = s.fit(i, s.index_at(end + w.span / 3.0))
+    if first is not None and first.n >= 3 and third < flatten_ratio * first.slope:
+        return False, third
     return True, third
 
 

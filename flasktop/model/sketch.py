@@ -14,6 +14,8 @@ compute :meth:`Sketch.key` once and add it to several maps.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
+from itertools import accumulate
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 ZERO_KEY = -(1 << 30)  # the bucket of values <= min_value
@@ -126,18 +128,13 @@ def quantiles_of(buckets: Dict[int, int], count: int, qs: Sequence[float], sk: S
     if count <= 0 or not buckets:
         return [None] * len(qs)
     keys = sorted(buckets)
-    order = sorted(range(len(qs)), key=lambda i: qs[i])
-    out: List[Optional[float]] = [None] * len(qs)
-    i = 0
-    seen = 0
-    k = keys[0]
-    for j in order:
-        rank = math.floor(min(max(qs[j], 0.0), 1.0) * (count - 1))
-        while i < len(keys) and seen + buckets[keys[i]] <= rank:
-            seen += buckets[keys[i]]
-            i += 1
-        k = keys[min(i, len(keys) - 1)]
-        out[j] = min(max(sk.value(k), lo), hi)
+    cum = list(accumulate([buckets[k] for k in keys]))
+    last = len(keys) - 1
+    out: List[Optional[float]] = []
+    for q in qs:
+        rank = math.floor(min(max(q, 0.0), 1.0) * (count - 1))
+        k = keys[min(bisect_right(cum, rank), last)]
+        out.append(min(max(sk.value(k), lo), hi))
     return out
 
 
@@ -157,20 +154,14 @@ def histogram_of(buckets: Dict[int, int], bins: int, sk: Sketch) -> Tuple[Tuple[
     zero = buckets.get(ZERO_KEY, 0)
     if zero:
         out.append((sk.min_value, zero))
-    keys = sorted(k for k in buckets if k != ZERO_KEY)
-    if not keys:
-        return tuple(out)
-    lo, hi = keys[0], keys[-1]
+        if len(buckets) == 1:
+            return tuple(out)
+    keys = [k for k in buckets if k != ZERO_KEY]
+    lo, hi = min(keys), max(keys)
     width = max(1, math.ceil((hi - lo + 1) / max(1, bins - len(out))))
-    edge = lo + width - 1
-    acc = 0
+    acc: Dict[int, int] = {}
     for k in keys:
-        while k > edge:
-            if acc:
-                out.append((sk.upper(edge), acc))
-                acc = 0
-            edge += width
-        acc += buckets[k]
-    if acc:
-        out.append((sk.upper(edge), acc))
+        i = (k - lo) // width
+        acc[i] = acc.get(i, 0) + buckets[k]
+    out.extend((sk.upper(lo + (i + 1) * width - 1), acc[i]) for i in sorted(acc))
     return tuple(out)

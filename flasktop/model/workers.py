@@ -58,7 +58,7 @@ class WorkerState:
         self.pre_attach = pre_attach
         self.stats: Optional[ProcStats] = None
         self.traced_ticks = 0
-        self.rss = Series(series_points)  # MB
+        self.rss = Series(series_points)  # bytes
         self.fds = Series(series_points)
         self.conns = Series(series_points)
         self.inflight: Dict[int, InFlight] = {}

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from tests.model.helpers import (
+    T0, app_frames, done, flying, gconf, model, proc, req, sample, tick,
+)
+
+
+def run(m, t: float, pids: Sequence[int], born: dict, config=None, **kw) -> None:
+    m.feed(tick(t, [proc(p, t, created=born.get(p, T0 - 3600), **kw) for p in pids], config), t)
+
+
+def kinds(m, now: float) -> List[str]:
+    return [e.kind for e in m.snapshot(now).events]
+
+
+def test_workers_present_at_attach_are_not_started_events() -> None:
+    m = model()
+    for i in range(10):
+        run(m, T0 + i, [7, 8, 9], {})
+    assert kinds(m, T0 + 10) == []
+
+
+def test_timeout_kill_carries_the_route_and_the_last_stack() -> None:
+    m = model()
+    born = {9: T0 + 31}
+    run(m, T0, [7, 8], born)
+    m.feed(flying(7, T0 + 0.5, [("/hang", 7, T0)]), T0 + 0.5)
+    for i in range(1, 31):
+        run(m, T0 + i, [7, 8], born)
+        m.feed(sample(7, T0 + i, [(7, app_frames("wait_for_lock", "hang"))]), T0 + i)
+    for i in range(31, 36):
+        run(m, T0 + i, [8, 9], born)
+    events = m.snapshot(T0 + 36).events
+    assert [e.kind for e in events] == ["timeout_killed", "started"]
+    kill = events[0]
+    assert kill.pid == 7 and kill.route == "/hang"
+    assert kill.stack == tuple(str(f) for f in app_frames("wait_for_lock", "hang"))
+    assert "wait_for_lock (app.py:10)" in kill.summary and "GET /hang" in kill.summary
+    [p] = [p for p in m.snapshot(T0 + 36).problems if p.kind == "worker_timeout"]
+    assert p.pid == 7 and p.route == "/hang" and "wait_for_lock (app.py:10)" in p.summary
+    assert m.sizes()["workers"] == 2  # the dead worker's state is gone
+    assert not [p for p in m.snapshot(T0 + 36 + 301).problems if p.kind == "worker_timeout"]
+
+
+def test_stale_heartbeat_without_beacon_is_a_timeout_kill() -> None:
+    m = model()
+    born = {9: T0 + 30}
+    for i in range(30):
+        run(m, T0 + i, [7], born, heartbeat_age_s=float(i))
+    for i in range(30, 35):
+        run(m, T0 + i, [9], born)
+    assert kinds(m, T0 + 35) == ["timeout_killed", "started"]
+
+
+def test_hup_reload_is_one_event() -> None:
+    m = model()
+    old, new = [1, 2, 3, 4], [11, 12, 13, 14]
+    born = {p: T0 + 10 for p in new}
+    for i in range(10):
+        run(m, T0 + i, old, born)
+    run(m, T0 + 10, old + new, born)  # gunicorn starts the new ones first
+    run(m, T0 + 11, [1, 2] + new, born)
+    for i in range(12, 20):
+        run(m, T0 + i, new, born)
+    events = m.snapshot(T0 + 20).events
+    assert [e.kind for e in events] == ["reloaded"]
+    assert "4 workers replaced" in events[0].summary
+
+
+def test_ttin_adds_and_ttou_removes() -> None:
+    m = model()
+    born = {5: T0 + 10}
+    for i in range(10):
+        run(m, T0 + i, [1, 2, 3, 4], born)
+    for i in range(10, 20):
+        run(m, T0 + i, [1, 2, 3, 4, 5], born)
+    assert kinds(m, T0 + 20) == ["added"]
+    for i in range(20, 30):
+        run(m, T0 + i, [2, 3, 4, 5], born)  # TTOU kills the oldest
+    events = m.snapshot(T0 + 30).events
+    assert [e.kind for e in events] == ["added", "removed"] and events[1].pid == 1
+
+
+def test_max_requests_recycling_and_a_plain_exit() -> None:
+    m = model()
+    born = {7: T0 + 1, 8: T0 + 40, 9: T0 + 60}
+    cfg = gconf(max_requests=100, workers=1)
+    run(m, T0, [], born, cfg)
+    for i in range(1, 40):
+        run(m, T0 + i, [7], born, cfg)
+        if i > 1:
+            m.feed(done(7, T0 + i, [req("/a", 0.01, T0 + i - 0.1 * j, tid=7) for j in range(3)]),
+                   T0 + i)
+    assert worker_served(m, 7) == 114
+    for i in range(40, 60):
+        run(m, T0 + i, [8], born, cfg)  # 7 went idle after ~max_requests
+    m.feed(flying(8, T0 + 55, [("/a", 8, T0 + 54)]), T0 + 55)
+    for i in range(60, 70):
+        run(m, T0 + i, [9], born, cfg)  # 8 died young, in the middle of a request
+    assert kinds(m, T0 + 70) == ["started", "recycled", "started", "exited", "started"]
+    exited = m.snapshot(T0 + 70).events[3]
+    assert exited.pid == 8 and exited.route == "/a"
+
+
+def worker_served(m, pid: int) -> int:
+    return next(w.requests_served for w in m.snapshot(T0).workers if w.pid == pid)
+
+
+def test_crash_loop_is_detected_and_ten_thousand_pids_stay_bounded() -> None:
+    m = model()
+    run(m, T0, [1, 2], {})
+    pid = 1000
+    sizes = []
+    for i in range(1, 5001):
+        t = T0 + i
+        pids = [1, pid, pid + 1]  # two fresh workers every second, each dead a second later
+        born = {pid: t, pid + 1: t}
+        run(m, t, pids, born)
+        pid += 2
+        if i % 1000 == 0:
+            sizes.append(m.sizes())
+    snap = m.snapshot(T0 + 5001)
+    assert pid - 1000 == 10_000
+    assert any(p.kind == "crash_loop" for p in snap.problems)
+    assert "crash_loop" in [e.kind for e in snap.events]
+    assert len(snap.events) <= 500 and len(snap.workers) == 3
+    for s in sizes:
+        assert s["workers"] <= 3 and s["events"] <= 500 and s["pending_exits"] <= 512
+        assert s["series_points"] <= 3 * 3 * 2 * 3600
+
+
+def test_master_exit_and_usr2_replacement() -> None:
+    m = model()
+    run(m, T0, [1, 2], {})
+    m.feed(tick(T0 + 1, [proc(1, T0 + 1), proc(2, T0 + 1)], new_master=555), T0 + 1)
+    m.feed(tick(T0 + 2, [], alive=False), T0 + 2)
+    m.feed(tick(T0 + 3, [], alive=False), T0 + 3)
+    snap = m.snapshot(T0 + 3)
+    assert [e.kind for e in snap.events] == ["master_replaced", "master_exited"]
+    assert snap.events[0].pid == 555 and snap.master.new_master_pid is None
+    assert snap.problems[0].kind == "master_exited"
+    assert not snap.master.alive and snap.workers == ()
