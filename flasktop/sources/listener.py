@@ -29,7 +29,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9711
 DEFAULT_RCVBUF = 8 << 20
 DEFAULT_BACKLOG = 100_000  # datagrams
-DEFAULT_BACKLOG_EVENTS = 500_000  # decoded requests + in-flight entries, ~230 bytes each
+DEFAULT_BACKLOG_EVENTS = 250_000  # requests + in-flight entries; ~300 bytes each once decoded (bench)
 PID_TABLE = 4096  # senders whose sequence numbers are tracked (least recently heard evicted)
 REORDER_WINDOW = 64  # a seq this far behind the highest seen is late; further back, a restart
 
