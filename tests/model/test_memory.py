@@ -62,6 +62,11 @@ def test_steady_leak_in_a_worker_older_than_flasktop_fires_within_two_minutes() 
         assert flagged[-1] == 295.0  # and it stays flagged
 
 
+def test_noisy_leak_fires_and_stays_flagged() -> None:
+    flagged = leak_flags(lambda age: 400 + 20.0 * age / 60.0, 400, created=T0 - 3600, noise=2.0)
+    assert flagged[0] <= 120 and flagged == [float(i) for i in range(int(flagged[0]), 400, 5)]
+
+
 def test_leak_from_birth_fires_within_about_two_minutes() -> None:
     flagged = leak_flags(lambda age: 80 + 25.0 * age / 60.0, 240, created=T0)
     assert flagged and flagged[0] <= 120, flagged[:3]
@@ -80,7 +85,7 @@ def test_growth_rate_is_reported_in_mb_per_minute() -> None:
 
 
 def test_warm_up_that_flattens_never_fires() -> None:
-    for tau in (5.0, 15.0, 30.0):
+    for tau in (5.0, 15.0, 30.0, 60.0):
         for amp in (60.0, 200.0):
             flagged = leak_flags(lambda age: 60 + amp * (1 - math.exp(-age / tau)), 1200,
                                  created=T0, seed=int(tau))
