@@ -179,7 +179,8 @@ class RoutesTable(KeyedTable):
 
     def cells(self, r: RouteView, widths: Dict[str, int]) -> List[Text]:
         name = Text(end="", no_wrap=True, overflow="ellipsis")
-        name.append("▲ " if r.slow else "  ", "bold red")
+        name.append("▲" if r.slow else " ", "bold red")
+        name.append(" ")
         name.append_text(safe_text(route_label(r), 200))
         late = "red" if r.slow else ""
         out: Dict[str, Text] = {
@@ -251,8 +252,8 @@ class StuckTable(KeyedTable):
     COLUMNS = (
         Col("pid", "pid", 7),
         Col("route", "route", flex=1, right=False),
-        Col("for", "for / timeout", 13),
-        Col("frame", "innermost frame", flex=1.5, right=False),
+        Col("for", "for/timeout", 12),
+        Col("frame", "innermost frame", flex=2, right=False),
     )
     timeout: Optional[float] = None
 
@@ -379,7 +380,7 @@ class OverviewScreen(Screen[None]):
         self._show_routes(snap)
         self._show_memory(snap)
         self._show_stuck(snap)
-        self.query_one("#events", Line).show_text(events_text(snap.events, snap.t, 5))
+        self.query_one("#events", Line).show_text(events_text(snap.events, snap.t, 30))
 
     def _matches(self, *texts: Optional[str]) -> bool:
         q = self.filter.lower()

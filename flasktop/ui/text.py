@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from rich.text import Text
+from rich.color import Color
+from rich.style import Style
+from rich.text import Span, Text
 
 PLACEHOLDER = "\ufffd"
 DASH = "—"
@@ -170,33 +172,29 @@ def hbar(fraction: float, width: int) -> str:
     return bar.ljust(width)
 
 
-def downsample(values: Sequence[float], width: int) -> List[float]:
-    """At most `width` points: the newest ones, the max of each bucket if there are many more."""
-    vals = list(values)
-    if width <= 0:
-        return []
-    if len(vals) <= width:
-        return vals
-    step = len(vals) / width
-    return [max(vals[int(i * step): max(int(i * step) + 1, int((i + 1) * step))]) for i in range(width)]
+_LOUD = {"red", "bright_red", "magenta", "bright_magenta"}
+_BOLD = {"yellow", "bright_yellow"}
+_MONO_CACHE: Dict[str, Style] = {}
 
 
-def column_chart(values: Sequence[float], width: int, height: int, top: float,
-                 styles: Iterable[str] = ()) -> List[Text]:
-    """Vertical bars (eighth-block resolution), one column per value, as `height` lines."""
-    lines: List[Text] = []
-    vals = list(values)[-width:] if width > 0 else []
-    style_list = list(styles) or [""] * len(vals)
-    levels = [0.0 if top <= 0 else min(1.0, max(0.0, v / top)) * height * 8 for v in vals]
-    for row in range(height - 1, -1, -1):
-        line = Text(end="", no_wrap=True)
-        for level, style in zip(levels, style_list):
-            filled = level - row * 8
-            if filled >= 8:
-                line.append("█", style)
-            elif filled > 0:
-                line.append(EIGHTHS[max(1, int(filled))], style)
-            else:
-                line.append(" ")
-        lines.append(line)
-    return lines
+def _mono_style(style: object) -> Style:
+    key = str(style)
+    cached = _MONO_CACHE.get(key)
+    if cached is not None:
+        return cached
+    parsed = Style.parse(style) if isinstance(style, str) else (style if isinstance(style, Style) else Style())
+    color: Optional[Color] = parsed.color
+    name = color.name if color is not None else ""
+    loud = name in _LOUD
+    out = Style(bold=True if loud or name in _BOLD else parsed.bold, underline=True if loud else parsed.underline,
+                dim=parsed.dim, italic=parsed.italic, reverse=parsed.reverse, strike=parsed.strike)
+    _MONO_CACHE[key] = out
+    return out
+
+
+def monochrome(text: Text) -> Text:
+    """`text` without colours: what was red is bold and underlined, what was yellow is bold (NO_COLOR)."""
+    out = text.copy()
+    out.style = _mono_style(text.style) if text.style else ""
+    out.spans = [Span(sp.start, sp.end, _mono_style(sp.style)) for sp in text.spans]
+    return out

@@ -13,7 +13,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
 from flasktop.model.snapshot import HotFrame, LatencyPoint, Problem, WorkerEvent
-from flasktop.ui.text import EIGHTHS, fmt_ago, fmt_duration, fmt_ms, hbar, join, safe_text
+from flasktop.ui.text import EIGHTHS, fmt_ago, fmt_duration, fmt_ms, hbar, join, monochrome, safe_text
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,10 @@ class Col:
 
 
 def num(s: str, style: str = "") -> Text:
-    """A right-aligned cell of our own making."""
-    return Text(s, style=style, justify="right", no_wrap=True, end="")
+    """A right-aligned cell of our own making (the style covers the characters, not the padding)."""
+    out = Text(justify="right", no_wrap=True, end="")
+    out.append(s, style)
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -62,6 +64,10 @@ class KeyedTable(DataTable):
         mark = ("▼" if self.sort_reverse else "▲") if col.key == self.sort_key else ""
         return col.label + mark
 
+    def _cells(self, item: Any, widths: Dict[str, int]) -> List[Text]:
+        cells = self.cells(item, widths)
+        return [monochrome(c) for c in cells] if self.app.no_color else cells
+
     # layout
     def visible_columns(self, width: int) -> List[Col]:
         return [c for c in self.COLUMNS if width >= c.min_table_width]
@@ -91,7 +97,7 @@ class KeyedTable(DataTable):
                 self.add_column(label, width=w, key=col.key)
             widths = self.widths
             for key, item in self._items:
-                self.add_row(*self.cells(item, widths), key=key)
+                self.add_row(*self._cells(item, widths), key=key)
             self._restore_cursor(cursor)
         finally:
             self._syncing = False
@@ -125,7 +131,7 @@ class KeyedTable(DataTable):
                 self.remove_row(row_key)
             widths = self.widths
             for key, item in self._items:
-                cells = self.cells(item, widths)
+                cells = self._cells(item, widths)
                 if key in self.rows:
                     old = self.get_row(key)
                     for (col, _), new, prev in zip(self._layout, cells, old):
@@ -188,6 +194,8 @@ class Line(Static):
 
     def show_text(self, text: Optional[Text]) -> None:
         text = text if text is not None else Text("")
+        if self.app.no_color:
+            text = monochrome(text)
         self.plain = text.plain
         self.update(text)
         self.display = bool(text.plain)
@@ -238,16 +246,16 @@ EVENT_STYLE = {
 
 
 def events_text(events_: Sequence[WorkerEvent], now: float, max_lines: int) -> Text:
-    """The newest events, newest last."""
+    """The newest events, newest first."""
     out = Text(end="", no_wrap=True, overflow="ellipsis")
     if not events_:
         out.append("no worker events yet", "dim")
         return out
-    for i, e in enumerate(events_[-max_lines:] if max_lines > 0 else ()):
+    for i, e in enumerate(list(reversed(events_))[: max(0, max_lines)]):
         if i:
             out.append("\n")
-        out.append(f"{fmt_ago(now, e.t):>9} ", "dim")
-        out.append(f"{e.kind:<14} ", EVENT_STYLE.get(e.kind, ""))
+        out.append(f"{fmt_ago(now, e.t):>11} ", "dim")
+        out.append(f"{e.kind:<15}", EVENT_STYLE.get(e.kind, ""))
         out.append_text(safe_text(e.summary, 300))
     return out
 
@@ -257,14 +265,16 @@ class ChartBase(Widget):
 
     DEFAULT_CSS = "ChartBase { height: 8; }"
 
-    def lines(self, width: int, height: int) -> List[Text]:
+    def lines(self, width: int, height: int, mono: bool = False) -> List[Text]:
         raise NotImplementedError
 
     def render(self) -> Text:
         width, height = self.content_region.width, self.content_region.height
         if width <= 0 or height <= 0:
             return Text("")
-        return Text("\n", end="").join(self.lines(width, height))
+        mono = self.app.no_color
+        text = Text("\n", end="").join(self.lines(width, height, mono))
+        return monochrome(text) if mono else text
 
 
 AXIS = 7
@@ -291,7 +301,7 @@ class SeriesChart(ChartBase):
             self.values, self.bar_style = values, style
             self.refresh()
 
-    def lines(self, width: int, height: int) -> List[Text]:
+    def lines(self, width: int, height: int, mono: bool = False) -> List[Text]:
         plot_w, plot_h = max(1, width - AXIS), max(1, height - 1)
         vals = list(self.values[-plot_w:])
         if not vals:
@@ -361,7 +371,7 @@ class LatencyChart(ChartBase):
             self.points = points
             self.refresh()
 
-    def lines(self, width: int, height: int) -> List[Text]:
+    def lines(self, width: int, height: int, mono: bool = False) -> List[Text]:
         plot_w, plot_h = max(1, width - AXIS), max(1, height - 2)
         pts = [p for p in self.points if p.count > 0][-plot_w:]
         if not pts:
@@ -369,6 +379,7 @@ class LatencyChart(ChartBase):
         k = _stretch(len(pts), plot_w)
         top = max(p.p99_ms for p in pts) or 1.0
         pad = " " * max(0, plot_w - k * len(pts))
+        fills = ("█", "▓", "░") if mono else ("█", "█", "█")
         out = []
         for row in range(plot_h - 1, -1, -1):
             label = fmt_ms(top) if row == plot_h - 1 else ("0" if row == 0 else "")
@@ -379,10 +390,10 @@ class LatencyChart(ChartBase):
             for p in pts:
                 levels = [v / top * plot_h * 8 for v in (p.p50_ms, p.p95_ms, p.p99_ms)]
                 glyph, style = " ", ""
-                for (_, st), level in zip(BAND, levels):
+                for (_, st), level, full in zip(BAND, levels, fills):
                     filled = level - row * 8
                     if filled >= 8:
-                        glyph, style = "█", st
+                        glyph, style = full, st
                         break
                     if filled > 0 and st == "red":
                         glyph, style = EIGHTHS[max(1, min(8, int(filled)))], st
@@ -391,8 +402,8 @@ class LatencyChart(ChartBase):
         span = pts[-1].t - pts[0].t if len(pts) > 1 else 0.0
         out.append(_time_axis(span, plot_w, len(pad)))
         legend = Text(" " * AXIS, end="", no_wrap=True)
-        for name, st in BAND:
-            legend.append("██", st)
+        for (name, st), full in zip(BAND, fills):
+            legend.append(full * 2, st)
             legend.append(f" {name}  ")
         out.append(legend)
         return out
@@ -411,7 +422,7 @@ class Histogram(ChartBase):
             self.buckets = buckets
             self.refresh()
 
-    def lines(self, width: int, height: int) -> List[Text]:
+    def lines(self, width: int, height: int, mono: bool = False) -> List[Text]:
         nonzero = [i for i, (_, c) in enumerate(self.buckets) if c]
         if not nonzero:
             return [Text("no requests yet", style="dim")]
