@@ -281,7 +281,9 @@ AXIS = 7
 
 
 def _axis(label: str) -> Text:
-    return Text(label.rjust(AXIS - 1)[: AXIS - 1] + " ", style="dim", end="")
+    out = Text(end="", no_wrap=True)
+    out.append(label.rjust(AXIS - 1)[: AXIS - 1] + " ", "dim")
+    return out
 
 
 class SeriesChart(ChartBase):
@@ -438,7 +440,8 @@ class Histogram(ChartBase):
         bar_w = max(1, width - 9 - count_w - 1)
         out = []
         for upper, count in merged:
-            line = Text(f"≤{fmt_ms(upper):>7} ", style="dim", end="", no_wrap=True)
+            line = Text(end="", no_wrap=True)
+            line.append(f"≤{fmt_ms(upper):>7} ", "dim")
             line.append(hbar(count / peak, bar_w), "cyan")
             line.append(f" {count:>{count_w}}")
             out.append(line)

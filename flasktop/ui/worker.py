@@ -42,7 +42,8 @@ def exit_reason(pid: int, events_: Sequence[WorkerEvent]) -> Text:
     for e in reversed(events_):
         if e.pid == pid and e.kind in EXIT_KINDS:
             reason = EXIT_REASON.get(e.kind)
-            out = Text(f"⚠ worker {pid} exited: ", "bold red", end="")
+            out = Text(end="")
+            out.append(f"⚠ worker {pid} exited: ", "bold red")
             out.append_text(safe_text(reason or e.summary, 200, "bold red"))
             if reason and e.summary:
                 out.append("  ")
@@ -73,7 +74,8 @@ class ServedTable(KeyedTable):
 
 
 def _serving(f: InFlightView) -> Text:
-    out = Text(" · serving ", "dim", end="")
+    out = Text(end="")
+    out.append(" · serving ", "dim")
     out.append_text(safe_text(f"{f.method} {f.route}" if f.method else f.route, 200, "bold"))
     bound = "≥" if f.source == "stack" else ""
     out.append(f" for {bound}{fmt_duration(f.elapsed_s)}", "yellow")
