@@ -84,4 +84,4 @@ class ModelConfig:
     max_problems: int = 50
     beacon_silent_s: float = 10.0  # in-flight reports come every ~1 s; silence past this is news
     beacon_loss_window_s: float = 60.0
-    max_foreign_pids: int = 64
+    max_held_datagrams: int = 512  # from unknown pids, kept until the next tick confirms them

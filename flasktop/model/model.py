@@ -14,11 +14,11 @@ from flasktop.model.events import (
 )
 from flasktop.model.problems import Judge, Notes
 from flasktop.model.routes import (
-    OTHER, OTHER_METHOD, DistinctCounter, RouteKey, RouteStats, Slot, slot_point, slowest,
-    window_counts, window_quantiles,
+    OTHER, OTHER_METHOD, QS, DistinctCounter, RouteKey, RouteStats, Slot, slot_point,
+    slowest_records, window_counts,
 )
 from flasktop.model.series import finite, trend
-from flasktop.model.sketch import ZERO_KEY, Sketch, quantiles_of
+from flasktop.model.sketch import ZERO_KEY, Sketch, merge_counts, quantiles_of, summary_of
 from flasktop.model.snapshot import (
     BUSY, IDLE, STARTING, STOPPED, STUCK, UNKNOWN, BeaconView, HotFrame, InFlightView,
     LatencyPoint, MasterView, RequestRecord, RouteView, Snapshot, SourceView, ThreadView, WorkerView,
@@ -57,7 +57,8 @@ class Model:
         self._listener: Optional[ListenerStats] = None
         self._heard: Optional[float] = None
         self._ignored = 0
-        self._foreign: Dict[int, int] = {}
+        self._held: Deque[Tuple[Datagram, float]] = deque()  # from pids the next tick may confirm
+        self._epoch = -1
         self._app_dropped = 0
         self._losses: Deque[Tuple[float, int]] = deque(maxlen=512)
         self._states: Dict[str, SourceState] = {}
@@ -92,15 +93,17 @@ class Model:
             if len(self._workers) < 4096:
                 self._workers[pid] = w
             return w
-        self._ignored += 1
-        if pid in self._foreign or len(self._foreign) < self.cfg.max_foreign_pids:
-            self._foreign[pid] = self._foreign.get(pid, 0) + 1
         return None
 
     def _datagram(self, dg: Datagram, now: float) -> None:
-        self._heard = now
+        if self._heard is None or now > self._heard:
+            self._heard = now
         w = self._worker_for(dg.pid, now)
         if w is None:
+            if len(self._held) >= self.cfg.max_held_datagrams:
+                self._held.popleft()
+                self._ignored += 1
+            self._held.append((dg, now))
             return
         w.beacon_t = now
         if dg.kind == KIND_REQUESTS:
@@ -152,7 +155,8 @@ class Model:
         rs.slots[epoch % self._nslots].reset(epoch)
 
     def _requests(self, w: WorkerState, dg: Datagram, now: float) -> None:
-        epoch = math.floor(now / self._slot_s)
+        epoch = max(math.floor(now / self._slot_s), self._epoch)  # a clock step back is no rewind
+        self._epoch = epoch
         idx = epoch % self._nslots
         routes = self._routes
         route_of = self._route
@@ -362,7 +366,13 @@ class Model:
                                 tick.config.workers)
         self._count = len(live)
         self._tick = tick
-        self._foreign.clear()
+        if self._held:
+            held, self._held = self._held, deque()
+            for dg, t in held:
+                if dg.pid in self._workers:
+                    self._datagram(dg, t)  # a worker younger than the previous tick
+                else:
+                    self._ignored += 1
 
     def _evict(self, pid: int) -> None:
         del self._workers[pid]
@@ -470,7 +480,7 @@ class Model:
             "per_worker_maps": sum(len(w.last_done) + len(w.pending) + len(w.req_by_sec)
                                    + len(w.growth_by_sec) + len(w.corr_routes) for w in ws),
             "source_states": len(self._pid_states) + len(self._states),
-            "foreign_pids": len(self._foreign),
+            "held_datagrams": len(self._held),
             "distinct_dropped": len(self._dropped._heap),
         }
 
@@ -582,7 +592,7 @@ class Model:
                 usual[key] = t95
             if c:
                 p50, p95, p99, slow = self._memo(rs, "window", (epoch, c),
-                                                 lambda: self._window(rs, win, c, mx))
+                                                 lambda: self._window(rs, win, c, mx, epoch))
                 wmax: Optional[float] = mx
             else:
                 p50, p95, p99, wmax = t50, t95, t99, (tot.max if tot.count else None)
@@ -615,14 +625,28 @@ class Model:
 
     def _totals(self, rs: RouteStats) -> Tuple[Optional[float], Optional[float], Optional[float],
                                                Tuple[Tuple[float, int], ...]]:
-        t50, t95, t99 = rs.total.quantiles((0.5, 0.95, 0.99))
-        hist = tuple((round(ub * 1000.0, 3), cnt)
-                     for ub, cnt in rs.total.histogram(self.cfg.histogram_bins))
-        return t50, t95, t99, hist
+        tot = rs.total
+        (t50, t95, t99), hist = summary_of(tot.buckets, tot.count, (0.5, 0.95, 0.99),
+                                           self.cfg.histogram_bins, tot, tot.min, tot.max)
+        return t50, t95, t99, tuple((round(ub * 1000.0, 3), cnt) for ub, cnt in hist)
 
-    def _window(self, rs: RouteStats, win: List[Slot], c: int, mx: float) -> tuple:
-        p50, p95, p99 = window_quantiles(win, self._sk, c, mx)
-        return p50, p95, p99, slowest(win, self.cfg.slowest_per_route, rs.route, rs.method)
+    def _window(self, rs: RouteStats, win: List[Slot], c: int, mx: float, epoch: int) -> tuple:
+        """Window percentiles and slowest requests; the closed slots are merged once per slot."""
+        keep = self.cfg.slowest_per_route
+        closed, top = self._memo(rs, "closed", epoch, lambda: (
+            merge_counts(s.buckets for s in win if s.epoch < epoch),
+            heapq.nlargest(keep, (x for s in win if s.epoch < epoch for x in s.slowest))))
+        buckets = closed
+        cur = rs.slots[epoch % self._nslots]
+        if cur.epoch == epoch and cur.count:
+            buckets = dict(closed)
+            for k, v in cur.buckets.items():
+                buckets[k] = buckets.get(k, 0) + v
+            top = heapq.nlargest(keep, top + cur.slowest)
+        p50, p95, p99 = quantiles_of(buckets, c, QS, self._sk, 0.0, mx)
+        records = self._memo(rs, "slowest", tuple(x[1] for x in top),
+                             lambda: slowest_records(top, rs.route, rs.method))
+        return p50, p95, p99, records
 
     def _hot(self, rs: RouteStats) -> Tuple[HotFrame, ...]:
         hs = max(1, rs.hot_samples)

@@ -6,7 +6,7 @@ import hashlib
 import heapq
 from typing import Dict, List, Optional, Tuple
 
-from flasktop.model.sketch import Sketch, merge_counts, quantiles_of
+from flasktop.model.sketch import Sketch, quantiles_of
 from flasktop.model.snapshot import LatencyPoint, RequestRecord
 from flasktop.protocol import Request
 
@@ -128,12 +128,6 @@ def window_counts(slots: List[Slot]) -> Tuple[int, int, float, float]:
     return c, e, busy, mx
 
 
-def window_quantiles(slots: List[Slot], sk: Sketch, count: int,
-                     mx: float) -> List[Optional[float]]:
-    return quantiles_of(merge_counts(s.buckets for s in slots), count, QS, sk, 0.0, mx)
-
-
-def slowest(slots: List[Slot], n: int, route: str, method: str) -> Tuple[RequestRecord, ...]:
-    top = heapq.nlargest(n, (x for s in slots for x in s.slowest))
+def slowest_records(top: List[Slow], route: str, method: str) -> Tuple[RequestRecord, ...]:
     return tuple(RequestRecord(route, method, r.status, round(d * 1000.0, 3), pid, r.tid, r.end,
                                r.exc, r.size) for d, _, pid, r in top)

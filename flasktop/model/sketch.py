@@ -128,7 +128,11 @@ def quantiles_of(buckets: Dict[int, int], count: int, qs: Sequence[float], sk: S
     if count <= 0 or not buckets:
         return [None] * len(qs)
     keys = sorted(buckets)
-    cum = list(accumulate([buckets[k] for k in keys]))
+    return _quantiles(keys, list(accumulate([buckets[k] for k in keys])), count, qs, sk, lo, hi)
+
+
+def _quantiles(keys: List[int], cum: List[int], count: int, qs: Sequence[float], sk: Sketch,
+               lo: float, hi: float) -> List[Optional[float]]:
     last = len(keys) - 1
     out: List[Optional[float]] = []
     for q in qs:
@@ -150,18 +154,40 @@ def histogram_of(buckets: Dict[int, int], bins: int, sk: Sketch) -> Tuple[Tuple[
     """At most ``bins`` log-spaced bins ``(upper bound, count)`` covering the occupied buckets."""
     if not buckets or bins <= 0:
         return ()
+    keys = sorted(buckets)
+    return _histogram(keys, list(accumulate([buckets[k] for k in keys])), bins, sk)
+
+
+def _histogram(keys: List[int], cum: List[int], bins: int,
+               sk: Sketch) -> Tuple[Tuple[float, int], ...]:
+    """The histogram of sorted ``keys`` with cumulative counts ``cum`` (no Python loop per key)."""
     out: List[Tuple[float, int]] = []
-    zero = buckets.get(ZERO_KEY, 0)
-    if zero:
-        out.append((sk.min_value, zero))
-        if len(buckets) == 1:
+    start = 0
+    if keys[0] == ZERO_KEY:
+        out.append((sk.min_value, cum[0]))
+        start = 1
+        if len(keys) == 1:
             return tuple(out)
-    keys = [k for k in buckets if k != ZERO_KEY]
-    lo, hi = min(keys), max(keys)
+    lo, hi = keys[start], keys[-1]
     width = max(1, math.ceil((hi - lo + 1) / max(1, bins - len(out))))
-    acc: Dict[int, int] = {}
-    for k in keys:
-        i = (k - lo) // width
-        acc[i] = acc.get(i, 0) + buckets[k]
-    out.extend((sk.upper(lo + (i + 1) * width - 1), acc[i]) for i in sorted(acc))
-    return tuple(out)
+    below = cum[start - 1] if start else 0
+    edge = lo + width - 1
+    while True:
+        i = bisect_right(keys, edge) - 1
+        if cum[i] > below:
+            out.append((sk.upper(edge), cum[i] - below))
+            below = cum[i]
+        if edge >= hi:
+            return tuple(out)
+        edge += width
+
+
+def summary_of(buckets: Dict[int, int], count: int, qs: Sequence[float], bins: int, sk: Sketch,
+               lo: float = 0.0, hi: float = math.inf
+               ) -> Tuple[List[Optional[float]], Tuple[Tuple[float, int], ...]]:
+    """Quantiles and histogram from one sort of the buckets."""
+    if count <= 0 or not buckets:
+        return [None] * len(qs), ()
+    keys = sorted(buckets)
+    cum = list(accumulate([buckets[k] for k in keys]))
+    return _quantiles(keys, cum, count, qs, sk, lo, hi), _histogram(keys, cum, bins, sk)

@@ -55,7 +55,9 @@ def test_datagrams_from_other_pids_are_counted_and_ignored() -> None:
     m.feed(done(999, T0 + 1, [req("/intruder", 0.01, T0 + 0.5)]), T0 + 1)
     m.feed(flying(999, T0 + 1, [("/intruder", 1, T0)]), T0 + 1)
     m.feed(sample(999, T0 + 1, [(999, app_frames("x"))]), T0 + 1)
-    snap = m.snapshot(T0 + 1)
+    assert m.snapshot(T0 + 1).beacon.ignored == 0  # held: the next tick may show a new worker
+    m.feed(tick(T0 + 2, [proc(7, T0 + 2), proc(4242, T0 + 2)]), T0 + 2)
+    snap = m.snapshot(T0 + 2)
     assert [w.pid for w in snap.workers] == [7, 4242]
     assert [r.route for r in snap.routes] == ["/early"]
     assert snap.beacon.ignored == 2
@@ -87,3 +89,26 @@ def test_psutil_state_and_master_view() -> None:
     assert master.pid == 100 and master.timeout == 30.0 and master.worker_class == "sync"
     m.feed(SourceState("psutil", "degraded", "num_fds: access denied"), T0)
     assert state(m, "psutil", T0) == ("degraded", "num_fds: access denied")
+
+
+def test_a_new_workers_first_datagrams_wait_for_the_tick_that_shows_it() -> None:
+    m = model()
+    m.feed(tick(T0, [proc(7, T0)]), T0)
+    m.feed(done(8, T0 + 0.5, [req("/first", 0.01, T0 + 0.4, tid=8)]), T0 + 0.5)
+    m.feed(flying(8, T0 + 0.6, [("/second", 8, T0 + 0.55)]), T0 + 0.6)
+    m.feed(tick(T0 + 1, [proc(7, T0 + 1), proc(8, T0 + 1, created=T0 + 0.3)]), T0 + 1)
+    snap = m.snapshot(T0 + 1)
+    w8 = next(w for w in snap.workers if w.pid == 8)
+    assert w8.requests_served == 1 and w8.in_flight.route == "/second"
+    assert [r.route for r in snap.routes] == ["/first"] and snap.beacon.ignored == 0
+    assert abs(snap.beacon.last_heard_s - 0.4) < 1e-6
+
+
+def test_held_datagrams_are_bounded() -> None:
+    m = model(max_held_datagrams=10)
+    m.feed(tick(T0, [proc(7, T0)]), T0)
+    for i in range(100):
+        m.feed(done(1000 + i, T0 + 0.5, [req("/x", 0.01, T0 + 0.4)]), T0 + 0.5)
+    assert m.sizes()["held_datagrams"] == 10 and m.snapshot(T0 + 0.5).beacon.ignored == 90
+    m.feed(tick(T0 + 1, [proc(7, T0 + 1)]), T0 + 1)
+    assert m.sizes()["held_datagrams"] == 0 and m.snapshot(T0 + 1).beacon.ignored == 100
