@@ -92,7 +92,8 @@ def test_parse_cmdline_leaves_unparsable_values_none() -> None:
     c = parse_cmdline(["gunicorn", "-w", "four", "-t", "soon", "--threads", "", "--bind"])
     assert (c.workers, c.timeout, c.threads, c.bind) == (None, None, None, ())
     assert c.effective_timeout == 30.0
-    assert parse_cmdline([]) == parse_cmdline([])
+    empty = parse_cmdline([])
+    assert (empty.cmdline, empty.app, empty.workers, empty.bind) == ((), None, None, ())
     assert parse_cmdline(["python3", "script.py"]).workers is None
 
 

@@ -182,14 +182,12 @@ def test_thread_emits_ticks_and_stops_promptly() -> None:
             poller.stop()
         states = [e for e in events if isinstance(e, SourceState)]
         assert [s.state for s in states] == ["ok"]
-        n = len(events)
         ticks = [e for e in events if isinstance(e, TopologyTick)]
         # CPU% is never a meaningless first zero: None, and said so, until a second reading
         first = ticks[0].workers[0]
         assert first.cpu_percent is None and ("cpu_percent", "first reading") in first.missing
         assert ticks[-1].workers[0].cpu_percent is not None
-        assert not poller.running
-        assert len(events) == n  # nothing after stop()
+        assert not poller.running  # stop() joined the thread
 
 
 # ----------------------------------------------------------------------------- per worker
