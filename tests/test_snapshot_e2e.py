@@ -94,9 +94,10 @@ def test_names_the_slow_route_and_the_hang_and_no_false_ones(tmp_path, engine_fo
         engine = engine_for(g, udp)
         _hit(g, "/fast/1", 60)
         _hit(g, "/slow", 8)
-        snap = _until(engine, lambda s: _route(s, "/slow") and _route(s, "/fast/<int:n>")
+        snap = _until(engine, lambda s: _route(s, "/slow") and _route(s, "/slow").count >= 8
+                      and _route(s, "/fast/<int:n>") and _route(s, "/fast/<int:n>").count >= 60
                       and any(w.in_flight and w.in_flight.route == "/hang" for w in s.workers),
-                      message="both routes and the in-flight hang")
+                      message="both routes counted and the in-flight hang")
         slow, fast = _route(snap, "/slow"), _route(snap, "/fast/<int:n>")
         assert slow.count == 8 and fast.count == 60
         assert slow.p50_ms >= 200 and fast.p95_ms < 100
