@@ -23,7 +23,8 @@ class FlasktopApp(App[None]):
 
     CSS_PATH = "flasktop.tcss"
     ENABLE_COMMAND_PALETTE = False
-    HORIZONTAL_BREAKPOINTS: ClassVar[Optional[List[Tuple[int, str]]]] = [(0, "-narrow"), (110, "-wide")]
+    HORIZONTAL_BREAKPOINTS: ClassVar[Optional[List[Tuple[int, str]]]] = [
+        (0, "-narrow"), (110, "-wide"), (150, "-xwide")]
     VERTICAL_BREAKPOINTS: ClassVar[Optional[List[Tuple[int, str]]]] = [(0, "-short"), (34, "-tall")]
     BINDINGS: ClassVar[List[BindingType]] = [
         Binding("q", "quit", "Quit"),

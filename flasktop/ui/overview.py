@@ -163,7 +163,7 @@ class RoutesTable(KeyedTable):
         Col("max", "max", 6, min_table_width=64),
         Col("err", "err", 5),
         Col("share", "busy", 10, min_table_width=110),
-        Col("share_pct", "busy", 4, min_table_width=0),
+        Col("share_pct", "busy", 5, min_table_width=0),
     )
 
     def visible_columns(self, width: int) -> List[Col]:
@@ -221,7 +221,8 @@ class MemoryTable(KeyedTable):
             "pid": num(str(w.pid), "bold" if w.state == STUCK else ""),
             "state": Text(w.state, WORKER_STYLE.get(w.state, ""), end="", no_wrap=True),
             "rss": num(fmt_bytes(w.rss_bytes)),
-            "trend": Text(sparkline(hist, widths.get("trend", 10)), trend_style, end="", no_wrap=True),
+            "trend": Text(sparkline(hist, widths.get("trend", 10)).rjust(widths.get("trend", 10)), trend_style,
+                          end="", no_wrap=True),
             "growth": num(fmt_growth(growth), "red" if w.leak_suspected else ""),
             "leak": Text("LEAK" if w.leak_suspected else "", "bold red", end=""),
             "cpu": num(DASH if w.cpu_percent is None else f"{w.cpu_percent:.0f}%"),

@@ -448,22 +448,20 @@ class Histogram(ChartBase):
         return out
 
 
-def share_bars(frames: Sequence[HotFrame], max_lines: int, bar_w: int = 10) -> Text:
-    """Hot frames as share bars, hottest first."""
+def share_bars(frames: Sequence[HotFrame], max_lines: int, bar_w: int = 8) -> Text:
+    """Hot frames, where the route's threads sat (self) first, then their callers (total)."""
     out = Text(end="", no_wrap=True, overflow="ellipsis")
     if not frames:
         out.append("no stack samples for this route yet", "dim")
         return out
-    for i, f in enumerate(frames[:max_lines]):
-        if i:
-            out.append("\n")
-        out.append(hbar(f.share, bar_w), "magenta")
-        out.append(f" {f.share * 100:3.0f}% ")
-        if f.leaf:
-            out.append(f"{f.leaf:>4} self ", "dim")
-        else:
-            out.append(" " * 10)
-        out.append_text(safe_text(f.frame, 300))
+    total = next((f.samples / f.share for f in frames if f.share > 0 and f.samples > 0), 0.0)
+    out.append(" " * bar_w + "  self  total  frame", "dim")
+    for f in sorted(frames, key=lambda f: (-f.leaf, -f.share))[: max(0, max_lines)]:
+        own = f.leaf / total if total else 0.0
+        out.append("\n")
+        out.append(hbar(own, bar_w), "magenta")
+        out.append(f" {own * 100:4.0f}%  {f.share * 100:4.0f}%  " if f.leaf else f"        {f.share * 100:4.0f}%  ")
+        out.append_text(safe_text(f.frame, 300, "" if f.leaf else "dim"))
     return out
 
 

@@ -61,7 +61,8 @@ async def test_overview_shows_master_routes_memory_and_stuck_workers() -> None:
         assert row_keys(memory) == WORKER_KEYS
         assert cell(memory, str(LEAK_PID), "leak") == "LEAK"
         assert cell(memory, str(IDLE_PID), "leak") == ""
-        assert set(cell(memory, str(LEAK_PID), "trend")) <= set("▁▂▃▄▅▆▇█")
+        trend = cell(memory, str(LEAK_PID), "trend")
+        assert set(trend.lstrip()) <= set("▁▂▃▄▅▆▇█") and trend.endswith("█")  # newest on the right
         stuck = app.screen.query_one(StuckTable)
         assert row_keys(stuck) == [str(STUCK_PID)]
         assert cell(stuck, str(STUCK_PID), "for") == "41s / 1m00s"

@@ -169,8 +169,11 @@ def test_histogram_merges_buckets_to_fit() -> None:
 
 
 def test_share_bars_and_stacks_are_plain_text() -> None:
-    bars = share_bars((HotFrame("f ([red]x.py:1)", 5, 0.5, 2),), 5).plain
-    assert "50%" in bars and "f ([red]x.py:1)" in bars
+    frames = (HotFrame("main (app.py:1)", 10, 1.0, 0), HotFrame("f ([red]x.py:1)", 5, 0.5, 2))
+    bars = share_bars(frames, 5).plain.split("\n")
+    assert bars[0].split() == ["self", "total", "frame"]
+    assert bars[1].split()[-4:] == ["20%", "50%", "f", "([red]x.py:1)"]  # where it sat comes first
+    assert bars[2].split() == ["100%", "main", "(app.py:1)"]
     worker = next(w for w in snapshot(0).workers if w.pid == STUCK_PID)
     stacks = stacks_text(worker, None).plain.split("\n")
     assert stacks[0].startswith("● thread 4110 MainThread · serving GET /export for 41s")
