@@ -35,6 +35,10 @@ def _s(x: float) -> str:
     return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
 
 
+_RANK = {"timeout_killed": 0, "exited": 0, "recycled": 0, "removed": 0, "master_exited": 0,
+         "started": 2, "added": 2}  # at the same instant, departures read before arrivals
+
+
 def _label(d: Departure) -> str:
     return f"{d.method} {d.route}".strip()
 
@@ -54,12 +58,14 @@ class Churn:
         self.master_exited_t: Optional[float] = None
         self.new_master: Optional[int] = None
         self.timeouts: Deque[WorkerEvent] = deque(maxlen=64)
+        self.provisional: List[WorkerEvent] = []  # this batch's "started" events, revisable
 
     def master(self, t: float, pid: int, alive: bool, new_master: Optional[int]) -> None:
         if not alive and self.master_exited_t is None:
             self.master_exited_t = t
             self.exits.clear()
             self.starts.clear()
+            self.provisional = []
             self.batch_t0 = None
             self.events.append(WorkerEvent(t, "master_exited", pid,
                                            f"gunicorn master {pid} exited; its workers go with it"))
@@ -74,38 +80,58 @@ class Churn:
     def observe(self, t: float, count_before: int, count_after: int, starts: List[Arrival],
                 exits: List[Departure], timeout: float, max_requests: Optional[int],
                 configured: Optional[int] = None) -> None:
+        """Fold one tick's arrivals and departures.
+
+        Unambiguous news goes out at once: a timeout kill, and a "started" event per new
+        worker (unless a crash loop is on). The rest waits for the batch to settle, since only
+        the whole batch tells a reload from exits, and TTIN/TTOU from replacements; then the
+        batch's "started" events may be rewritten as one "reloaded", or as "added".
+        """
         if self.master_exited_t is not None:
             return
         if starts or exits:
             if self.batch_t0 is None:
                 self.batch_t0 = t
                 self.count0 = count_before
+                self.provisional = []
             self.last_change = t
             self.starts.extend(starts)
-            self.exits.extend(exits)
+            for d in exits:
+                if self._timed_out(d, timeout):
+                    ev = self._timeout_event(d, timeout)
+                    self.events.append(ev)
+                    self.timeouts.append(ev)
+                else:
+                    self.exits.append(d)
+            crashing = self.crash_t is not None and t - self.crash_t < self.cfg.crash_window_s
+            for a in starts:
+                if not crashing:
+                    ev = WorkerEvent(a.t, "started", a.pid, f"worker {a.pid} started")
+                    self.events.append(ev)
+                    self.provisional.append(ev)
         if self.batch_t0 is None:
             return
         if (t - self.last_change >= self.cfg.settle_s or t - self.batch_t0 >= self.cfg.max_batch_s
                 or len(self.exits) + len(self.starts) >= self.cfg.max_pending_exits):
-            self._classify(t, count_after, timeout, max_requests, configured)
+            self._classify(t, count_after, max_requests, configured)
 
-    def _classify(self, t: float, count1: int, timeout: float,
-                  max_requests: Optional[int], configured: Optional[int]) -> None:
+    def _retract(self, gone: List[WorkerEvent]) -> None:
+        """Take provisional events back out of the history (they are being rewritten)."""
+        if gone:
+            ids = {id(e) for e in gone}
+            kept = [e for e in self.events if id(e) not in ids]
+            self.events.clear()
+            self.events.extend(kept)
+
+    def _classify(self, t: float, count1: int, max_requests: Optional[int],
+                  configured: Optional[int]) -> None:
         cfg = self.cfg
-        exits = sorted(self.exits, key=lambda d: (d.t, d.pid))
+        rest = sorted(self.exits, key=lambda d: (d.t, d.pid))
         starts = sorted(self.starts, key=lambda a: (a.create_time, a.pid))
+        provisional = {e.pid: e for e in self.provisional}
         count0 = self.count0
-        self.exits, self.starts, self.batch_t0 = [], [], None
+        self.exits, self.starts, self.provisional, self.batch_t0 = [], [], [], None
         out: List[WorkerEvent] = []
-
-        rest: List[Departure] = []
-        for d in exits:
-            if self._timed_out(d, timeout):
-                ev = self._timeout_event(d, timeout)
-                out.append(ev)
-                self.timeouts.append(ev)
-            else:
-                rest.append(d)
 
         short = [d for d in rest if d.lifetime < cfg.crash_lifetime_s]
         for d in short:
@@ -122,11 +148,13 @@ class Churn:
                                        f"{_s(cfg.crash_lifetime_s)} of starting in the last "
                                        f"{_s(cfg.crash_window_s)}"))
             rest = [d for d in rest if d.lifetime >= cfg.crash_lifetime_s]
-            starts = []  # replacements of dying workers: the crash_loop event says it
+            self._retract(list(provisional.values()))  # replacements of dying workers
+            starts = []
 
         if (not crashing and len(rest) >= 2 and len(rest) >= cfg.reload_fraction * max(count0, 1)
                 and len(starts) >= cfg.reload_fraction * len(rest)):
             span = max(d.t for d in rest) - min(min(d.t for d in rest), min(a.t for a in starts))
+            self._retract(list(provisional.values()))
             out.append(WorkerEvent(rest[-1].t, "reloaded", None,
                                    f"reload (HUP): {len(rest)} workers replaced by {len(starts)} "
                                    f"new ones within {_s(max(span, 0.0))}; master unchanged"))
@@ -153,18 +181,20 @@ class Churn:
                                        f"worker {d.pid} exited after {_s(d.lifetime)}{what}",
                                        route=d.route if d.busy else None,
                                        stack=d.stack if d.busy else None))
-        n_added = min(added, len(starts))
-        for i, a in enumerate(starts):
-            if i >= len(starts) - n_added:
-                out.append(WorkerEvent(a.t, "added", a.pid,
-                                       f"worker {a.pid} added (TTIN: {count0} -> {count1} workers)"))
-            else:
-                out.append(WorkerEvent(a.t, "started", a.pid, f"worker {a.pid} started"))
+        grown = [a for a in starts[len(starts) - min(added, len(starts)):]] if added else []
+        self._retract([provisional[a.pid] for a in grown if a.pid in provisional])
+        for a in grown:
+            out.append(WorkerEvent(a.t, "added", a.pid,
+                                   f"worker {a.pid} added (TTIN: {count0} -> {count1} workers)"))
         self._emit(out)
 
     def _emit(self, out: List[WorkerEvent]) -> None:
-        out.sort(key=lambda e: (e.t, e.pid or 0, e.kind))
-        self.events.extend(out)
+        """Merge classified events into the history, which stays in time order."""
+        if not out:
+            return
+        merged = sorted(list(self.events) + out, key=lambda e: (e.t, _RANK.get(e.kind, 1)))
+        self.events.clear()
+        self.events.extend(merged[-self.events.maxlen:] if self.events.maxlen else merged)
 
     def _timed_out(self, d: Departure, timeout: float) -> bool:
         limit = self.cfg.timeout_kill_fraction * timeout

@@ -26,12 +26,14 @@ from flasktop.model.snapshot import (
 from flasktop.model.workers import (
     MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut,
 )
-from flasktop.protocol import KIND_INFLIGHT, KIND_REQUESTS, PENDING, Datagram
+from flasktop.protocol import KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram
 
 T = TypeVar("T")
+UNNAMED = (UNMATCHED, PENDING)
 NO_ROUTE = "<no beacon>"  # the route of a request seen only in a stack
 MAX_THREADS = 512  # per sample
 MAX_REQ_SECONDS = 64  # per worker, seconds of requests waiting to meet their RSS reading
+LAST_WORDS_S = 5.0  # a long request that completed this soon before its worker vanished died with it
 
 
 class Model:
@@ -59,6 +61,7 @@ class Model:
         self._ignored = 0
         self._held: Deque[Tuple[Datagram, float]] = deque()  # from pids the next tick may confirm
         self._epoch = -1
+        self._long_s = config.timeout_kill_fraction * 30.0
         self._app_dropped = 0
         self._losses: Deque[Tuple[float, int]] = deque(maxlen=512)
         self._states: Dict[str, SourceState] = {}
@@ -165,16 +168,28 @@ class Model:
         maxb = self._sk.max_buckets
         log, ceil = math.log, math.ceil
         keep = self.cfg.slowest_per_route
+        long_s = self._long_s
         inflight, last_done, pending = w.inflight, w.last_done, w.pending
         recent = w.recent.append
         phase = w.phase
         by_sec = w.req_by_sec
         pid = w.pid
         for r in dg.requests:
+            d = r.duration_s
+            tid = r.tid
+            end = r.end
+            begin = end - d
+            if inflight:
+                f = inflight.get(tid)
+                if f is not None and begin >= f.start - 0.005:
+                    del inflight[tid]
+                    if r.route in UNNAMED and f.route not in UNNAMED:
+                        # It was matched while running (the in-flight report says so) and
+                        # lost its rule on the way out, e.g. unwound by gunicorn's SIGABRT.
+                        r = r._replace(route=f.route, method=f.method)
             rs = routes.get((r.route, r.method))
             if rs is None:
                 rs = route_of((r.route, r.method))
-            d = r.duration_s
             k = ceil(log(d) * inv) if d > minv else ZERO_KEY
             slot = rs.slots[idx]
             if slot.epoch != epoch:
@@ -209,15 +224,10 @@ class Model:
                 self._seq += 1
                 heapq.heapreplace(sl, (d, self._seq, pid, r))
             recent(r)
-            tid = r.tid
-            end = r.end
-            begin = end - d
+            if d >= long_s:
+                w.long = r
             if tid in last_done or len(last_done) < MAX_TIDS:
                 last_done[tid] = (begin, end, rs)
-            if inflight:
-                f = inflight.get(tid)
-                if f is not None and begin >= f.start - 0.005:
-                    del inflight[tid]
             if pending:
                 waiting = pending.get(tid)
                 if waiting:
@@ -266,7 +276,9 @@ class Model:
             old = prev.get(th.tid)
             if in_req and old is not None and old.in_request and old.frames == frames:
                 since = old.since
-            threads[th.tid] = ThreadState(th.tid, th.name, th.active, frames, in_req, since, s.t)
+            req_frames = frames if in_req else (old.req_frames if old is not None else None)
+            threads[th.tid] = ThreadState(th.tid, th.name, th.active, frames, in_req, since, s.t,
+                                          req_frames)
             self._pend(w, th.tid, s.t, frames, cut)
         w.threads = threads
         w.sample_t = s.t
@@ -366,6 +378,7 @@ class Model:
                                 tick.config.workers)
         self._count = len(live)
         self._tick = tick
+        self._long_s = cfg.timeout_kill_fraction * tick.config.effective_timeout
         if self._held:
             held, self._held = self._held, deque()
             for dg, t in held:
@@ -384,13 +397,20 @@ class Model:
         oldest = views[0] if views else None
         hb = w.stats.heartbeat_age_s if w.stats is not None else None
         born = w.create_time if w.create_time >= 0 else w.first_seen
-        return Departure(
-            w.pid, tick.t, max(0.0, tick.t - born),
-            oldest.route if oldest is not None else None,
-            oldest.method if oldest is not None else "",
-            self._stack(w, oldest),
-            oldest.elapsed_s if oldest is not None else None,
-            hb, w.served, bool(views), not w.pre_attach and w.beacon_t is not None)
+        route, method, age, tid = None, "", None, None
+        if oldest is not None:
+            route, method, age, tid = oldest.route, oldest.method, oldest.elapsed_s, oldest.tid
+        elif w.long is not None and tick.t - w.long.end <= LAST_WORDS_S:
+            # Killed mid-request, the request unwound and the beacon reported it as it died.
+            r = w.long
+            route, method, age, tid = r.route, r.method, r.duration_s, r.tid
+        th = w.threads.get(tid) if tid is not None else None
+        if th is None:
+            th = w.main_thread()
+        stack = (th.req_frames or th.frames) if th is not None else None
+        return Departure(w.pid, tick.t, max(0.0, tick.t - born), route, method, stack, age, hb,
+                         w.served, route is not None,
+                         not w.pre_attach and w.beacon_t is not None)
 
     def _stats(self, w: WorkerState, ps: ProcStats) -> None:
         w.stats = ps

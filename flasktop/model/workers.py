@@ -16,10 +16,11 @@ MAX_TIDS = 1024  # per worker; a hostile beacon cannot grow per-thread maps past
 class ThreadState:
     """One thread as the latest sample of its worker saw it."""
 
-    __slots__ = ("tid", "name", "active", "frames", "in_request", "since", "t")
+    __slots__ = ("tid", "name", "active", "frames", "in_request", "since", "t", "req_frames")
 
     def __init__(self, tid: int, name: str, active: bool, frames: Tuple[str, ...],
-                 in_request: bool, since: float, t: float) -> None:
+                 in_request: bool, since: float, t: float,
+                 req_frames: Optional[Tuple[str, ...]] = None) -> None:
         self.tid = tid
         self.name = name
         self.active = active
@@ -27,6 +28,7 @@ class ThreadState:
         self.in_request = in_request
         self.since = since  # first sample of the current run of identical in-request stacks
         self.t = t
+        self.req_frames = req_frames  # the latest stack seen inside a request
 
 
 class Pending:
@@ -47,7 +49,7 @@ class WorkerState:
         "pid", "create_time", "first_seen", "pre_attach", "stats", "traced_ticks",
         "rss", "fds", "conns", "inflight", "inflight_t", "beacon_t", "dropped",
         "recent", "served", "last_done", "pending", "threads", "sample_t", "sample_n",
-        "phase", "req_by_sec", "growth_by_sec", "last_rss", "corr", "corr_routes",
+        "phase", "req_by_sec", "growth_by_sec", "last_rss", "corr", "corr_routes", "long",
     )
 
     def __init__(self, pid: int, create_time: float, t: float, pre_attach: bool,
@@ -67,6 +69,7 @@ class WorkerState:
         self.dropped = 0
         self.recent: Deque[Request] = deque(maxlen=recent)
         self.served = 0
+        self.long: Optional[Request] = None  # the latest completion long enough to be a kill
         self.last_done: Dict[int, Tuple[float, float, object]] = {}  # tid -> (start, end, route)
         self.pending: Dict[int, List[Pending]] = {}
         self.threads: Dict[int, ThreadState] = {}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+from flasktop.model.events import Frame
 from tests.model.helpers import (
     T0, app_frames, done, flying, gconf, model, proc, req, sample, tick,
 )
@@ -142,3 +143,41 @@ def test_master_exit_and_usr2_replacement() -> None:
     assert snap.events[0].pid == 555 and snap.master.new_master_pid is None
     assert snap.problems[0].kind == "master_exited"
     assert not snap.master.alive and snap.workers == ()
+
+
+def test_timeout_kill_when_the_request_unwound_as_the_worker_died() -> None:
+    """gunicorn's SIGABRT unwinds the request: the beacon reports it complete, then the pid goes."""
+    m = model()
+    cfg = gconf(timeout=4)
+    born = {9: T0 + 6}
+    run(m, T0, [7, 8], born, cfg)
+    m.feed(flying(7, T0 + 0.5, [("/hang", 7, T0 + 0.2)]), T0 + 0.5)
+    for i in range(1, 5):
+        run(m, T0 + i, [7, 8], born, cfg)
+        m.feed(sample(7, T0 + i, [(7, app_frames("wait_for_lock", "hang"))]), T0 + i)
+    # ... and as the request context is gone by then, it may come back without its route.
+    m.feed(done(7, T0 + 4.6, [req("<unmatched>", 4.3, T0 + 4.5, tid=7, exc="SystemExit")]),
+           T0 + 4.6)
+    exiting = (Frame("_exit", "/venv/gunicorn/workers/base.py", 200, "gunicorn/workers/base.py"),)
+    m.feed(sample(7, T0 + 4.7, [(7, exiting)]), T0 + 4.7)
+    assert [w.state for w in m.snapshot(T0 + 4.7).workers if w.pid == 7] == ["idle"]
+    for i in range(5, 7):
+        run(m, T0 + i, [8, 9], born, cfg)
+    [kill] = [e for e in m.snapshot(T0 + 7).events if e.kind == "timeout_killed"]
+    assert kill.pid == 7 and kill.route == "/hang"
+    assert kill.stack is not None and kill.stack[0] == "wait_for_lock (app.py:10)"
+    assert [r.route for r in m.snapshot(T0 + 7).routes] == ["/hang"]
+
+
+def test_started_is_news_at_once_and_a_reload_rewrites_it() -> None:
+    m = model()
+    born = {p: T0 + 10 for p in (11, 12)}
+    for i in range(10):
+        run(m, T0 + i, [1, 2], born)
+    run(m, T0 + 10, [1, 2, 11, 12], born)
+    assert kinds(m, T0 + 10) == ["started", "started"]  # before anything has settled
+    run(m, T0 + 11, [11, 12], born)
+    assert kinds(m, T0 + 11) == ["started", "started"]
+    for i in range(12, 16):
+        run(m, T0 + i, [11, 12], born)
+    assert kinds(m, T0 + 16) == ["reloaded"]
