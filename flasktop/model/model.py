@@ -26,7 +26,9 @@ from flasktop.model.snapshot import (
 from flasktop.model.workers import (
     MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut,
 )
-from flasktop.protocol import KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram
+from flasktop.protocol import (
+    KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, Request,
+)
 
 T = TypeVar("T")
 UNNAMED = (UNMATCHED, PENDING)
@@ -760,10 +762,7 @@ class Model:
                 in_flight_all=tuple(views),
                 stack=self._stack(w, oldest),
                 threads=threads,
-                recent_requests=tuple(
-                    RequestRecord(r.route, r.method, r.status, round(r.duration_s * 1000.0, 3),
-                                  pid, r.tid, r.end, r.exc, r.size)
-                    for r in reversed(w.recent)),
+                recent_requests=self._records(w),
                 requests_served=w.served,
                 stuck_for_s=stuck_for,
                 missing=tuple(f"{name}: {reason}" for name, reason in ps.missing)
@@ -772,6 +771,24 @@ class Model:
                 fd_leak_suspected=fd is not None,
             ))
         return out, notes
+
+    @staticmethod
+    def _records(w: WorkerState) -> Tuple[RequestRecord, ...]:
+        """Recent requests, newest first; records of the previous snapshot are reused."""
+        prev = w.records
+        fresh: Dict[int, Tuple[Request, RequestRecord]] = {}
+        out = []
+        for r in reversed(w.recent):
+            hit = prev.get(id(r))
+            if hit is not None and hit[0] is r:
+                rec = hit[1]
+            else:
+                rec = RequestRecord(r.route, r.method, r.status, round(r.duration_s * 1000.0, 3),
+                                    w.pid, r.tid, r.end, r.exc, r.size)
+            fresh[id(r)] = (r, rec)  # holding r keeps its id from being reused
+            out.append(rec)
+        w.records = fresh
+        return tuple(out)
 
     def _fd_trend(self, w: WorkerState, now: float,
                   born: float) -> Tuple[Optional[str], Optional[float]]:

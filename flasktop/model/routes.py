@@ -68,10 +68,9 @@ class RouteStats:
         self.memo: Dict[str, Tuple[object, object]] = {}
 
     def window_slots(self, epoch: int) -> List[Slot]:
-        """The slots inside the window ending at ``epoch`` (inclusive), oldest first."""
-        n = len(self.slots)
-        return sorted((s for s in self.slots if epoch - n < s.epoch <= epoch),
-                      key=lambda s: s.epoch)
+        """The slots inside the window ending at ``epoch`` (inclusive), in no particular order."""
+        lo = epoch - len(self.slots)
+        return [s for s in self.slots if lo < s.epoch <= epoch]
 
 
 def slot_point(slot: Slot, slot_s: float, sk: Sketch) -> LatencyPoint:

@@ -50,6 +50,7 @@ class WorkerState:
         "rss", "fds", "conns", "inflight", "inflight_t", "beacon_t", "dropped",
         "recent", "served", "last_done", "pending", "threads", "sample_t", "sample_n",
         "phase", "req_by_sec", "growth_by_sec", "last_rss", "corr", "corr_routes", "long",
+        "records",
     )
 
     def __init__(self, pid: int, create_time: float, t: float, pre_attach: bool,
@@ -70,6 +71,7 @@ class WorkerState:
         self.recent: Deque[Request] = deque(maxlen=recent)
         self.served = 0
         self.long: Optional[Request] = None  # the latest completion long enough to be a kill
+        self.records: Dict[int, Tuple[Request, object]] = {}  # snapshot memo of recent requests
         self.last_done: Dict[int, Tuple[float, float, object]] = {}  # tid -> (start, end, route)
         self.pending: Dict[int, List[Pending]] = {}
         self.threads: Dict[int, ThreadState] = {}
