@@ -75,6 +75,8 @@ class Model:
     def feed(self, event: object, now: float) -> None:
         """Fold one event that arrived at wall-clock ``now``."""
         kind = type(event)
+        if not -1e11 < getattr(event, "t", 0.0) < 1e11:
+            return  # an event from no sane clock
         if kind is Datagram:
             self._datagram(event, now)  # type: ignore[arg-type]
         elif kind is StackSample:
@@ -120,6 +122,8 @@ class Model:
             last_done = w.last_done
             fresh = {}
             for f in dg.inflight:
+                if not -1e11 < f.start < 1e11:
+                    continue
                 done = last_done.get(f.tid)
                 if done is not None and done[1] > f.start + 0.002:
                     continue  # it completed after this report was sent
@@ -176,10 +180,14 @@ class Model:
         phase = w.phase
         by_sec = w.req_by_sec
         pid = w.pid
+        folded = 0
         for r in dg.requests:
             d = r.duration_s
             tid = r.tid
             end = r.end
+            if not (0.0 <= d < 1e7 and -1e11 < end < 1e11):
+                continue  # decode() never lets these through; a hand-made Request might
+            folded += 1
             begin = end - d
             if inflight:
                 f = inflight.get(tid)
@@ -246,7 +254,7 @@ class Model:
                     del by_sec[min(by_sec)]
                 c = by_sec[sec] = {}
             c[rs.route] = c.get(rs.route, 0) + 1
-        w.served += len(dg.requests)
+        w.served += folded
 
     def _frame(self, f: Frame) -> str:
         s = self._frames.get(f)
@@ -417,6 +425,8 @@ class Model:
     def _stats(self, w: WorkerState, ps: ProcStats) -> None:
         w.stats = ps
         w.traced_ticks = w.traced_ticks + 1 if ps.status == "tracing-stop" else 0
+        if not -1e11 < ps.t < 1e11:
+            return
         if ps.rss is not None:
             self._growth(w, ps.t, ps.rss / MB)
             w.rss.add(ps.t, float(ps.rss))

@@ -283,3 +283,21 @@ def test_snapshot_does_not_change_the_model() -> None:
     a.feed(done(8, T0 + 91, [req("/a", 0.2, T0 + 90.5, tid=8)]), T0 + 91)
     b.feed(done(8, T0 + 91, [req("/a", 0.2, T0 + 90.5, tid=8)]), T0 + 91)
     assert a.snapshot(T0 + 95) == b.snapshot(T0 + 95)
+
+
+def test_hostile_strings_stay_strings_and_odd_numbers_are_dropped() -> None:
+    m = attached()
+    names = ["[bold red]x[/]", "\x1b[31m/red", "/" + "\u0301" * 199, "<other>", '{"k":1}']
+    t = T0 + 1
+    reqs = [req(n, 0.01, t, tid=7) for n in names]
+    reqs += [req("/nan", float("nan"), t), req("/inf", float("inf"), t),
+             req("/neg", -1.0, t), req("/when", 0.1, float("inf"))]
+    m.feed(done(7, t, reqs), t)
+    m.feed(flying(7, t, [("/nan-start", 7, float("nan")), ("[link]", 8, t - 1)]), t)
+    snap = m.snapshot(t)
+    assert sorted(r.route for r in snap.routes) == sorted(names)
+    w = next(w for w in snap.workers if w.pid == 7)
+    assert w.requests_served == len(names)
+    assert [v.route for v in w.in_flight_all] == ["[link]"]
+    d = json.loads(snap.to_json())
+    assert sorted(r["route"] for r in d["routes"]) == sorted(names)
