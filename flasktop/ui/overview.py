@@ -115,8 +115,7 @@ def header_text(snap: Optional[Snapshot], *, paused: bool, pending: int, attachi
     return out
 
 
-def banner_text(snap: Snapshot) -> Text:
-    """A line for each thing in trouble: the master, a source. Empty when all is well."""
+def master_banner(snap: Snapshot) -> List[Text]:
     lines: List[Text] = []
     m = snap.master
     if m is None:
@@ -125,6 +124,12 @@ def banner_text(snap: Snapshot) -> Text:
         lines.append(join((f"⚠ master {m.pid} is gone", "bold red"), " · showing the last data"))
     elif m.new_master_pid:
         lines.append(join((f"⚠ master {m.pid} is being replaced by {m.new_master_pid} (USR2)", "yellow")))
+    return lines
+
+
+def banner_text(snap: Snapshot) -> Text:
+    """A line for each thing in trouble: the master, a source. Empty when all is well."""
+    lines = master_banner(snap)
     for src in snap.sources:
         if src.state in TROUBLE:
             lines.append(join((f"⚠ {SOURCE_LABEL.get(src.name, src.name)} {src.state}: ", STATE_STYLE[src.state]),

@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer
 
 from flasktop.model.snapshot import RequestRecord, RouteView, Snapshot
 from flasktop.ui.messages import OpenWorker
-from flasktop.ui.overview import route_key, route_label
+from flasktop.ui.overview import master_banner, route_key, route_label
 from flasktop.ui.text import DASH, fmt_ago, fmt_ms, fmt_pct, fmt_rate, join, safe_text
 from flasktop.ui.widgets import Col, Histogram, KeyedTable, LatencyChart, Line, num, share_bars
 
@@ -121,12 +121,12 @@ class RouteScreen(Screen[None]):
         self.gone = found is None
         if found is not None:
             self.route = found
-        banner: Optional[Text] = None
+        lines = master_banner(snap)
         if self.gone:
-            banner = join(("⚠ ", "bold red"), safe_text(self.key, 200),
-                          (" is no longer reported · showing its last data" if self.route is not None
-                           else " has not been seen", "bold red"))
-        self.query_one("#banner", Line).show_text(banner)
+            lines.append(join(("⚠ ", "bold red"), safe_text(self.key, 200),
+                              (" is no longer reported · showing its last data" if self.route is not None
+                               else " has not been seen", "bold red")))
+        self.query_one("#banner", Line).show_text(Text("\n", end="").join(lines))
         r = self.route
         if r is None:
             self.query_one("#title", Line).show_text(join(paused_mark(self.app), ("route ", "dim"),

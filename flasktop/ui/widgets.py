@@ -118,7 +118,7 @@ class KeyedTable(DataTable):
     # data
     def sync(self, items: Sequence[Tuple[str, Any]]) -> None:
         """Show exactly `items` (row key, model object), in that order, touching only what changed."""
-        self._items = list(items)
+        self._items = list(dict(items).items())  # a duplicate key would make add_row raise
         if not self._layout:
             self.relayout()
             return
@@ -191,13 +191,16 @@ class Line(Static):
     def __init__(self, *, id: Optional[str] = None, classes: Optional[str] = None) -> None:
         super().__init__(Text(""), id=id, classes=classes, markup=False)
         self.plain = ""
+        self._shown: Optional[Text] = None
 
     def show_text(self, text: Optional[Text]) -> None:
         text = text if text is not None else Text("")
         if self.app.no_color:
             text = monochrome(text)
-        self.plain = text.plain
-        self.update(text)
+        if self._shown is None or not _same(text, self._shown):
+            self._shown = text
+            self.plain = text.plain
+            self.update(text)
         self.display = bool(text.plain)
 
 

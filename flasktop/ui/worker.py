@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer
 
 from flasktop.model.snapshot import GONE, InFlightView, RequestRecord, Snapshot, WorkerEvent, WorkerView
 from flasktop.ui.messages import OpenRoute
-from flasktop.ui.overview import WORKER_STYLE
+from flasktop.ui.overview import WORKER_STYLE, master_banner
 from flasktop.ui.route import paused_mark, status_style
 from flasktop.ui.text import (
     DASH,
@@ -198,7 +198,7 @@ class WorkerScreen(Screen[None]):
         self.gone = found is None or found.state == GONE
         if found is not None:
             self.worker = found
-        lines: List[Text] = []
+        lines: List[Text] = master_banner(snap)
         if self.gone:
             reason = exit_reason(self.pid, snap.events)
             if self.worker is not None:

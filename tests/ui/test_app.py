@@ -127,19 +127,6 @@ async def test_hostile_text_is_shown_literally() -> None:
         assert "\x1b" not in svg
 
 
-async def test_hostile_thread_name_is_shown_literally_in_the_worker_screen() -> None:
-    async with running([snapshot(0)], size=(120, 40)) as (app, pilot, feed):
-        await pilot.press("tab", "end")
-        memory = app.screen.query_one(MemoryTable)
-        assert app.screen.focused is memory
-        memory.move_cursor(row=3)
-        await pilot.press("enter")
-        await settle(pilot, lambda: isinstance(app.screen, WorkerScreen))
-        await pilot.pause()
-        assert "heartbeat␛[31m" in line(app, "#stacks")
-        assert "heartbeat␛[31m" in screen_text(app)
-
-
 async def test_filter_narrows_routes_and_workers_and_escape_clears_it() -> None:
     async with running([snapshot(0)]) as (app, pilot, feed):
         await pilot.press("slash", "o", "r", "d")
@@ -235,6 +222,9 @@ async def test_route_drill_down_updates_live_and_keeps_data_when_the_route_goes(
         await push(pilot, feed, snapshot(2, route_list=routes(2)[1:]))
         assert "110 requests" in line(app, "#title")
         assert "no longer reported" in line(app, "#banner")
+        await push(pilot, feed, snapshot(3, master_alive=False, route_list=routes(3)[1:]))
+        banner = line(app, "#banner").split("\n")
+        assert banner[0].startswith(f"⚠ master {MASTER_PID} is gone") and "no longer reported" in banner[1]
         await pilot.press("escape")
         assert isinstance(app.screen, OverviewScreen)
         assert row_keys(app.screen.query_one(RoutesTable)) == ROUTE_KEYS[1:]
@@ -249,6 +239,7 @@ async def test_worker_drill_down_focuses_the_feed_and_reports_the_exit() -> None
         await settle(pilot, lambda: feed.focused[-1:] == [STUCK_PID])
         stacks = line(app, "#stacks")
         assert "serving GET /export for 41s" in stacks and "wait_for_lock (reports.py:88)" in stacks
+        assert "heartbeat␛[31m" in stacks and "heartbeat␛[31m" in screen_text(app)
         assert "RSS" in screen_text(app) and "Open file descriptors" in screen_text(app)
         await push(pilot, feed, snapshot(1, drop=[STUCK_PID], events=(timeout_event(),)))
         banner = line(app, "#banner")
@@ -335,6 +326,21 @@ async def test_snapshots_pushed_from_another_thread_are_shown() -> None:
 def test_a_newer_snapshot_replaces_a_queued_one() -> None:
     a, b = snapshot(0), snapshot(1)
     assert SnapshotReady(b).can_replace(SnapshotReady(a))
+
+
+async def test_a_rendering_error_is_reported_and_the_app_keeps_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running([snapshot(0)]) as (app, pilot, feed):
+        def broken(self: OverviewScreen, snap: object) -> None:
+            raise ValueError("boom")
+
+        monkeypatch.setattr(OverviewScreen, "show", broken)
+        await push(pilot, feed, snapshot(1))
+        assert app.render_errors == ["ValueError: boom"]
+        assert app.is_running
+        monkeypatch.undo()
+        await push(pilot, feed, snapshot(2))
+        assert cell(app.screen.query_one(RoutesTable), "GET /export", "rate") == "3.5/s"
+        app.render_errors.clear()
 
 
 async def test_quit_stops_the_feed() -> None:
