@@ -241,10 +241,12 @@ def test_missing_and_unrunnable_py_spy(sync_app: Gunicorn, tmp_path: Path) -> No
     events = Events()
     assert Sampler(events, py_spy=str(plain)).sample_once(pid) is None
     [state] = events.states()
-    assert state.state == "missing" and "cannot be run" in state.detail and str(plain) in state.detail
+    assert state.state == "missing" and state.pid is None
+    assert "cannot be run" in state.detail and str(plain) in state.detail
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv")
 def test_unprivileged_run_is_denied(sync_app: Gunicorn) -> None:
     pid = sync_app.worker_pids()[0]
     script = (
