@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Container, Vertical
+from textual.containers import Container, Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
@@ -303,7 +303,7 @@ class OverviewScreen(Screen[None]):
         Binding("slash", "filter", "Filter"),
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse", show=False),
-        Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("escape", "clear_filter", "Clear filter"),
     ]
 
     def __init__(self, attaching_to: str = "", title: str = "flasktop") -> None:
@@ -319,7 +319,9 @@ class OverviewScreen(Screen[None]):
         yield Line(id="header")
         yield Line(id="banner")
         yield Line(id="problems")
-        yield Input(placeholder="filter routes and workers (Enter keeps it, Esc clears)", id="filter")
+        with Horizontal(id="filter-bar"):
+            yield Static(Text("filter ", "bold"), id="filter-label", markup=False)
+            yield Input(placeholder="substring of a route, pid or state (Enter keeps it, Esc clears)", id="filter")
         with Container(id="body"):
             with Vertical(id="routes-pane", classes="pane"):
                 yield Line(classes="note", id="routes-note")
@@ -341,7 +343,7 @@ class OverviewScreen(Screen[None]):
         self.query_one("#memory-pane").border_title = "Memory"
         self.query_one("#stuck-pane").border_title = "Stuck workers"
         self.query_one("#events-pane").border_title = "Worker events"
-        self.query_one("#filter", Input).display = False
+        self.query_one("#filter-bar").display = False
         self.query_one(RoutesTable).set_sort(*self.route_sort)
         self.query_one(MemoryTable).set_sort(*self.memory_sort)
         self.show(self.app_snapshot())
@@ -440,28 +442,36 @@ class OverviewScreen(Screen[None]):
     def focused_table(self) -> Optional[KeyedTable]:
         return self.focused if isinstance(self.focused, KeyedTable) else None
 
+    def check_action(self, action: str, parameters: Tuple[object, ...]) -> Optional[bool]:
+        if action == "clear_filter":
+            bars = self.query("#filter-bar")
+            return bool(self.filter) or any(bar.display for bar in bars)
+        return True
+
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
-        box.display = True
-        box.focus()
+        self.query_one("#filter-bar").display = True
+        self.query_one("#filter", Input).focus()
+        self.refresh_bindings()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         self.filter = event.value
         self.show(self.snapshot)
+        self.refresh_bindings()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if not event.value:
-            event.input.display = False
+            self.query_one("#filter-bar").display = False
         self.query_one(RoutesTable).focus()
 
     def action_clear_filter(self) -> None:
-        box = self.query_one("#filter", Input)
-        if box.display or self.filter:
-            box.value = ""
-            box.display = False
+        bar = self.query_one("#filter-bar")
+        if bar.display or self.filter:
+            self.query_one("#filter", Input).value = ""
+            bar.display = False
             self.filter = ""
             self.show(self.snapshot)
             self.query_one(RoutesTable).focus()
+            self.refresh_bindings()
 
     def action_sort(self, reverse: bool = False) -> None:
         if isinstance(self.focused, MemoryTable):

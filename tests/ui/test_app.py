@@ -129,7 +129,9 @@ async def test_hostile_text_is_shown_literally() -> None:
 
 async def test_filter_narrows_routes_and_workers_and_escape_clears_it() -> None:
     async with running([snapshot(0)]) as (app, pilot, feed):
+        assert "Clear filter" not in screen_text(app)
         await pilot.press("slash", "o", "r", "d")
+        assert "filter ord" in screen_text(app) and "Clear filter" in screen_text(app)
         routes_t, memory = app.screen.query_one(RoutesTable), app.screen.query_one(MemoryTable)
         assert row_keys(routes_t) == ["GET /orders/<int:oid>"]
         assert row_keys(memory) == [str(BUSY_PID)]
