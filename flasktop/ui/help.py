@@ -12,24 +12,27 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 KEYS: Tuple[Tuple[str, str], ...] = (
-    ("↑ ↓ PgUp PgDn", "move in the focused table"),
-    ("Tab / Shift+Tab", "next / previous pane"),
-    ("Enter", "open the highlighted route or worker"),
-    ("Esc", "back (or clear the filter)"),
+    ("↑ ↓ PgUp PgDn", "move in the focused table or pane"),
+    ("Tab, Shift+Tab", "next, previous pane"),
+    ("Enter", "open the highlighted route, worker or request"),
+    ("Esc", "back; on the overview, clear the filter"),
     ("/", "filter routes and workers by substring"),
-    ("s / S", "cycle the sort column of the focused table / reverse it"),
-    ("p", "pause the view (collection goes on); again to jump to the latest"),
+    ("s, S", "cycle the focused table's sort column; reverse"),
+    ("p", "pause the view (collection goes on); p again"),
+    ("", "jumps to the latest snapshot"),
     ("?", "this help"),
     ("q", "quit"),
 )
 
 MARKS: Tuple[Tuple[str, str], ...] = (
-    ("▲", "a slow route (flagged by the slow-route detector)"),
+    ("▲", "a slow route (the slow-route detector)"),
     ("LEAK", "memory keeps growing past warm-up"),
-    ("41s / 60s", "time on the current request against gunicorn's timeout"),
+    ("41s / 1m00s", "on this request for 41 s; gunicorn kills at 60 s"),
     ("≥12s", "no beacon: a lower bound from an unchanged stack"),
-    ("PAUSED +3", "the view is frozen; 3 newer snapshots are waiting"),
-    ("busy", "share of all workers' busy time spent in the route"),
+    ("PAUSED +3", "the view is frozen; 3 newer snapshots wait"),
+    ("busy", "share of all workers' busy time in the route"),
+    ("self, total", "share of a route's samples in a frame, or under it"),
+    ("␛ �", "a control or invisible character from outside"),
 )
 
 
@@ -37,11 +40,11 @@ def help_text() -> Text:
     out = Text(end="")
     out.append("Keys\n", "bold underline")
     for key, what in KEYS:
-        out.append(f"  {key:<17}", "bold cyan")
+        out.append(f"  {key:<16}", "bold cyan")
         out.append(what + "\n")
     out.append("\nMarks\n", "bold underline")
     for mark, what in MARKS:
-        out.append(f"  {mark:<17}", "bold")
+        out.append(f"  {mark:<16}", "bold")
         out.append(what + "\n")
     out.append("\nEsc, ? or Enter closes this.", "dim")
     return out
