@@ -17,7 +17,7 @@ import time
 from typing import Callable, Deque, Iterable, List, Optional, Tuple
 
 from flasktop.model import Model, ModelConfig
-from flasktop.model.events import SourceState
+from flasktop.model.events import SourceState, TopologyTick
 from flasktop.model.snapshot import BUSY, STUCK, Snapshot
 from flasktop.sources.listener import Listener
 from flasktop.sources.poller import Poller
@@ -49,6 +49,7 @@ class Engine:
         self._lock = threading.Lock()
         self._focus: Optional[int] = None
         self._opened = False
+        self._topology = False  # the poller's first TopologyTick has been folded
 
     # -- sources -----------------------------------------------------------------
 
@@ -101,7 +102,13 @@ class Engine:
             self._stop.wait(min(0.25, self.refresh))
 
     def collect(self) -> int:
-        """Fold everything waiting into the model; returns how many events were folded."""
+        """Fold everything waiting into the model; returns how many events were folded.
+
+        Beacon datagrams wait in the listener's bounded backlog until the poller's first
+        topology tick is folded: only then does the model know which pids are workers.
+        Before it, anything on the port (any local user can send there) would be taken
+        for a worker and could fill the route table with made-up names.
+        """
         n = 0
         now = self.clock()
         inbox = self._inbox
@@ -110,12 +117,15 @@ class Engine:
                 event = inbox.popleft()
             except IndexError:
                 break
+            if not self._topology and type(event) is TopologyTick:
+                self._topology = True
             self.model.feed(event, now)
             n += 1
         if self.listener is not None:
-            for dgram in self.listener.drain():
-                self.model.feed(dgram, now)
-                n += 1
+            if self._topology:
+                for dgram in self.listener.drain():
+                    self.model.feed(dgram, now)
+                    n += 1
             self.model.feed(self.listener.stats(), now)
         return n
 
