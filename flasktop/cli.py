@@ -18,6 +18,10 @@ from typing import List, Optional, Sequence, Tuple
 from flasktop import __version__
 
 EXIT_USAGE = 2
+ENVIRONMENT = ("environment: FLASKTOP_BEACON=HOST:PORT where to listen for the beacon (as "
+               "--beacon); FLASKTOP_PY_SPY=PATH the py-spy binary to run (default: the py-spy "
+               "next to this Python, then the one on PATH); FLASKTOP_DEBUG=1 shows the "
+               "traceback of an internal error.")
 
 
 class CliError(Exception):
@@ -88,14 +92,15 @@ def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
         prog="flasktop",
         description="top for Flask under gunicorn: slow routes, memory leaks and stuck workers.",
         epilog="commands: 'flasktop snapshot --pid PID' prints a report; "
-               "'flasktop demo' runs a demo app and watches it.")
+               "'flasktop demo' runs a demo app and watches it. " + ENVIRONMENT)
     main.add_argument("--version", action="version", version=f"flasktop {__version__}")
     _common(main, pid_required=False)
     main.add_argument("--refresh", type=_seconds(0.2, 60), default=1.0, metavar="S",
                       help="seconds between screen updates (default 1)")
 
     snap = argparse.ArgumentParser(prog="flasktop snapshot",
-                                   description="Attach for a few seconds, print a report, exit.")
+                                   description="Attach for a few seconds, print a report, exit.",
+                                   epilog=ENVIRONMENT)
     _common(snap, pid_required=True)
     snap.add_argument("--seconds", type=_seconds(0.5, 3600), default=5.0,
                       help="how long to watch before reporting (default 5)")
@@ -210,7 +215,10 @@ def _pick_master() -> int:
 
     chosen = pick(masters) if _is_terminal() else None
     if chosen is None:
-        listing = "; ".join(f"{m.pid} ({' '.join(m.cmdline)[:60]})" for m in masters)
+        from flasktop.textsafe import sanitize
+
+        # A command line is anyone's text (gunicorn --name, argv): never raw to a terminal.
+        listing = "; ".join(f"{m.pid} ({sanitize(' '.join(m.cmdline), 60)})" for m in masters)
         raise CliError(f"{len(masters)} gunicorn masters found, pick one with --pid: {listing}")
     return chosen
 

@@ -12,6 +12,8 @@ runs on the UI thread.
 from __future__ import annotations
 
 import collections
+import os
+import shutil
 import threading
 import time
 from typing import Callable, Deque, Iterable, List, Optional, Tuple
@@ -24,6 +26,13 @@ from flasktop.sources.poller import Poller
 from flasktop.sources.pyspy import Sampler
 
 INBOX_LIMIT = 20_000  # events from the poller and sampler between two drains; far above their rates
+PY_SPY_ENV = "FLASKTOP_PY_SPY"  # the py-spy binary to run, when not next to Python or on PATH
+
+
+def py_spy_from_env() -> Optional[str]:
+    """The py-spy named by $FLASKTOP_PY_SPY, or None (then: next to this Python, then PATH)."""
+    value = os.environ.get(PY_SPY_ENV, "").strip()
+    return value or None
 
 
 class Engine:
@@ -31,7 +40,8 @@ class Engine:
 
     def __init__(self, master_pid: int, beacon: Optional[Tuple[str, int]] = ("127.0.0.1", 9711),
                  refresh: float = 1.0, sample_interval: float = 2.0, pyspy: bool = True,
-                 config: Optional[ModelConfig] = None, clock: Callable[[], float] = time.time) -> None:
+                 config: Optional[ModelConfig] = None, clock: Callable[[], float] = time.time,
+                 py_spy: Optional[str] = None) -> None:
         self.master_pid = master_pid
         self.refresh = refresh
         self.clock = clock
@@ -41,7 +51,22 @@ class Engine:
         self._inbox_overflow = 0
         self.listener = Listener(beacon[0], beacon[1]) if beacon else None
         self.poller = Poller(master_pid, self._post)
-        self.sampler = Sampler(self._post, interval=sample_interval) if pyspy else None
+        self.sampler: Optional[Sampler] = None
+        self._pyspy_off: Optional[SourceState] = None
+        if pyspy:
+            named = py_spy if py_spy is not None else py_spy_from_env()
+            origin = "given" if py_spy is not None else PY_SPY_ENV
+            found = None if named is None else named if os.sep in named else shutil.which(named)
+            if named is not None and (found is None or not os.path.isfile(found)):
+                # Say which path was wrong: the sampler's own "not found" would suggest
+                # installing py-spy, which may be there already, elsewhere.
+                self._pyspy_off = SourceState(
+                    "pyspy", "missing", f"py-spy not found at {named!r} ({origin}): fix the "
+                    f"path, or unset {PY_SPY_ENV} to use the py-spy next to Python or on PATH")
+            else:
+                self.sampler = Sampler(self._post, interval=sample_interval, py_spy=named)
+        else:
+            self._pyspy_off = SourceState("pyspy", "off", "stack sampling disabled (--no-pyspy)")
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._on_snapshot: Optional[Callable[[Snapshot], None]] = None
@@ -71,9 +96,9 @@ class Engine:
         self.poller.start()
         if self.sampler is not None:
             self.sampler.start()
-        else:
-            self._post(SourceState("pyspy", "off", "stack sampling disabled (--no-pyspy)",
-                                   t=self.clock()))
+        elif self._pyspy_off is not None:
+            off = self._pyspy_off
+            self._post(SourceState(off.source, off.state, off.detail, t=self.clock()))
         self._opened = True
 
     # -- the collector -----------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from flasktop.model.snapshot import Snapshot, WorkerView
 from flasktop.textsafe import sanitize
+
+DETAIL_LIMIT = 300  # a source's or a worker's one-line explanation
 
 
 def _ms(v: Optional[float]) -> str:
@@ -41,6 +43,16 @@ def _request(w: WorkerView) -> str:
     return f"{sanitize(f.method)} {sanitize(f.route, 80)} for {bound}{_age(f.elapsed_s)}"
 
 
+def _missing(items: Tuple[str, ...]) -> str:
+    """``("uss: access denied", "pss: access denied")`` as ``uss, pss: access denied``."""
+    by_reason: Dict[str, List[str]] = {}
+    for item in items:
+        field, sep, reason = item.partition(": ")
+        by_reason.setdefault(reason if sep else "", []).append(field)
+    return "; ".join(", ".join(fields) + (f": {reason}" if reason else "")
+                     for reason, fields in by_reason.items())
+
+
 def render(snap: Snapshot, width: int = 100) -> str:
     """The report a person reads: problems first, then routes, workers, events, sources."""
     out: List[str] = []
@@ -58,12 +70,16 @@ def render(snap: Snapshot, width: int = 100) -> str:
                + "   ".join(f"{s.name}: {s.state}" for s in snap.sources))
     for s in snap.sources:
         if s.state not in ("ok",) and s.detail:
-            out.append(f"  {s.name}: {sanitize(s.detail, width)}")
+            # One line, never cut to the terminal's width: its end says why and what to do.
+            out.append(f"  {s.name}: {sanitize(s.detail, DETAIL_LIMIT)}")
     b = snap.beacon
+    reasons = ", ".join(f"{sanitize(r, 40)} {n}" for r, n in b.rejected)
     out.append(f"beacon {sanitize(b.address)}: {b.received} datagrams, {b.events} events, "
-               f"{sum(n for _, n in b.rejected)} rejected, {b.lost} lost"
+               f"{sum(n for _, n in b.rejected)} rejected" + (f" ({reasons})" if reasons else "")
+               + f", {b.lost} lost"
                + (f", {b.kernel_drops} dropped by the kernel" if b.kernel_drops else "")
-               + (f", {b.app_dropped} dropped in the app" if b.app_dropped else ""))
+               + (f", {b.app_dropped} dropped in the app" if b.app_dropped else "")
+               + (f", {b.ignored} from pids that are not workers" if b.ignored else ""))
 
     out.append("")
     out.append("PROBLEMS" if snap.problems else "PROBLEMS: none seen")
@@ -83,6 +99,8 @@ def render(snap: Snapshot, width: int = 100) -> str:
                 out.append(f"      {hf.share * 100:>3.0f}%  {sanitize(hf.frame, width - 12)}")
         if len(snap.routes) > 25:
             out.append(f"  ... and {len(snap.routes) - 25} more routes")
+    elif b.accepted:
+        out.append("ROUTES: no request completed while watching (the beacon is reporting)")
     else:
         out.append("ROUTES: none reported. Add the beacon to the app: "
                    "Beacon(app) from flasktop.beacon (see docs/beacon.md)")
@@ -96,8 +114,8 @@ def render(snap: Snapshot, width: int = 100) -> str:
         if w.stack and (w.state in ("stuck", "busy")):
             for frame in w.stack[:4]:
                 out.append(f"                 {sanitize(frame, width - 20)}")
-        for miss in w.missing:
-            out.append(f"                 missing: {sanitize(miss, width - 30)}")
+        if w.missing:
+            out.append(f"                 missing: {sanitize(_missing(w.missing), DETAIL_LIMIT)}")
 
     if snap.events:
         out.append("")
