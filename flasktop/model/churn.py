@@ -126,12 +126,26 @@ class Churn:
     def _classify(self, t: float, count1: int, max_requests: Optional[int],
                   configured: Optional[int]) -> None:
         cfg = self.cfg
-        rest = sorted(self.exits, key=lambda d: (d.t, d.pid))
+        exits = sorted(self.exits, key=lambda d: (d.t, d.pid))
         starts = sorted(self.starts, key=lambda a: (a.create_time, a.pid))
         provisional = {e.pid: e for e in self.provisional}
         count0 = self.count0
         self.exits, self.starts, self.provisional, self.batch_t0 = [], [], [], None
         out: List[WorkerEvent] = []
+
+        # Deliberate departures first: max_requests spent, and TTOU (the count went down;
+        # gunicorn retires the oldest). Neither counts towards a crash loop.
+        spent = [d for d in exits if self._spent(d, max_requests)]
+        out.extend(self._recycle_event(d, max_requests) for d in spent)
+        rest = [d for d in exits if not self._spent(d, max_requests)]
+        n_removed = max(0, count0 - count1)
+        removed = sorted((d for d in rest if not d.busy), key=lambda d: (-d.lifetime, d.pid))
+        removed = removed[:n_removed]
+        for d in removed:
+            out.append(WorkerEvent(d.t, "removed", d.pid,
+                                   f"worker {d.pid} removed (TTOU: {count0} -> {count1} "
+                                   f"workers) after {_s(d.lifetime)}"))
+        rest = [d for d in rest if d not in removed]
 
         short = [d for d in rest if d.lifetime < cfg.crash_lifetime_s]
         for d in short:
@@ -151,37 +165,28 @@ class Churn:
             self._retract(list(provisional.values()))  # replacements of dying workers
             starts = []
 
+        fresh = len(starts) - len(spent)
         if (not crashing and len(rest) >= 2 and len(rest) >= cfg.reload_fraction * max(count0, 1)
-                and len(starts) >= cfg.reload_fraction * len(rest)):
+                and fresh >= cfg.reload_fraction * len(rest)):
             span = max(d.t for d in rest) - min(min(d.t for d in rest), min(a.t for a in starts))
             self._retract(list(provisional.values()))
             out.append(WorkerEvent(rest[-1].t, "reloaded", None,
-                                   f"reload (HUP): {len(rest)} workers replaced by {len(starts)} "
+                                   f"reload (HUP): {len(rest)} workers replaced by {fresh} "
                                    f"new ones within {_s(max(span, 0.0))}; master unchanged"))
             self._emit(out)
             return
 
-        removed = max(0, count0 - count1)
-        added = max(0, count1 - max(count0, configured or 0))  # filling up to --workers: started
         for d in rest:
-            if removed and not d.busy:
-                removed -= 1
-                out.append(WorkerEvent(d.t, "removed", d.pid,
-                                       f"worker {d.pid} removed (TTOU: {count0} -> {count1} "
-                                       f"workers) after {_s(d.lifetime)}"))
-            elif self._recycled(d, max_requests):
-                out.append(WorkerEvent(d.t, "recycled", d.pid,
-                                       f"worker {d.pid} recycled after {d.served} requests "
-                                       f"(max_requests {max_requests})" if d.known_served else
-                                       f"worker {d.pid} exited idle: probably recycled "
-                                       f"(max_requests {max_requests})"))
+            if self._recycled(d, max_requests):
+                out.append(self._recycle_event(d, max_requests))
             else:
                 what = f" while serving {_label(d)}" if d.busy and d.route else ""
                 out.append(WorkerEvent(d.t, "exited", d.pid,
                                        f"worker {d.pid} exited after {_s(d.lifetime)}{what}",
                                        route=d.route if d.busy else None,
                                        stack=d.stack if d.busy else None))
-        grown = [a for a in starts[len(starts) - min(added, len(starts)):]] if added else []
+        added = max(0, count1 - max(count0, configured or 0))  # filling up to --workers: started
+        grown = starts[len(starts) - min(added, len(starts)):] if added else []
         self._retract([provisional[a.pid] for a in grown if a.pid in provisional])
         for a in grown:
             out.append(WorkerEvent(a.t, "added", a.pid,
@@ -201,12 +206,22 @@ class Churn:
         return ((d.request_age is not None and d.request_age >= limit)
                 or (d.heartbeat_age is not None and d.heartbeat_age >= limit))
 
+    def _spent(self, d: Departure, max_requests: Optional[int]) -> bool:
+        """Idle after serving about max_requests (as far as the beacon saw)."""
+        return bool(max_requests) and not d.busy \
+            and d.served >= self.cfg.recycle_fraction * max_requests  # type: ignore[operator]
+
     def _recycled(self, d: Departure, max_requests: Optional[int]) -> bool:
         if not max_requests or d.busy:
             return False
-        if d.known_served:
-            return d.served >= self.cfg.recycle_fraction * max_requests
-        return True
+        return self._spent(d, max_requests) or not d.known_served
+
+    def _recycle_event(self, d: Departure, max_requests: Optional[int]) -> WorkerEvent:
+        if self._spent(d, max_requests):
+            text = f"worker {d.pid} recycled after {d.served} requests (max_requests {max_requests})"
+        else:
+            text = f"worker {d.pid} exited idle: probably recycled (max_requests {max_requests})"
+        return WorkerEvent(d.t, "recycled", d.pid, text)
 
     def _timeout_event(self, d: Departure, timeout: float) -> WorkerEvent:
         age = d.request_age if d.request_age is not None else d.heartbeat_age

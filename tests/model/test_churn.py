@@ -181,3 +181,36 @@ def test_started_is_news_at_once_and_a_reload_rewrites_it() -> None:
     for i in range(12, 16):
         run(m, T0 + i, [11, 12], born)
     assert kinds(m, T0 + 16) == ["reloaded"]
+
+
+def test_workers_recycled_together_are_not_a_reload() -> None:
+    m = model()
+    cfg = gconf(max_requests=20)
+    born = {11: T0 + 5, 12: T0 + 5}
+    run(m, T0, [1, 2], born, cfg)
+    for pid in (1, 2):
+        m.feed(done(pid, T0 + 2, [req("/a", 0.01, T0 + 1 + 0.01 * j, tid=pid) for j in range(20)]),
+               T0 + 2)
+    for i in range(1, 5):
+        run(m, T0 + i, [1, 2], born, cfg)
+    for i in range(5, 12):
+        run(m, T0 + i, [11, 12], born, cfg)
+    assert kinds(m, T0 + 12) == ["recycled", "recycled", "started", "started"]
+    assert "after 20 requests" in m.snapshot(T0 + 12).events[0].summary
+
+
+def test_young_workers_recycled_reloaded_and_removed_are_no_crash_loop() -> None:
+    """Right after gunicorn starts every worker is young; deliberate exits are not crashes."""
+    m = model()
+    cfg = gconf(max_requests=20, workers=2)
+    gen = {1: T0 - 2, 2: T0 - 2, 11: T0 + 3, 12: T0 + 3, 21: T0 + 8, 22: T0 + 8, 23: T0 + 14}
+    timeline = [[1, 2]] * 3 + [[11, 12]] * 5 + [[11, 12, 21, 22], [21, 22]] + [[21, 22]] * 4 \
+        + [[21, 22, 23]] * 5 + [[22, 23]] * 5
+    run(m, T0, [1, 2], gen, cfg)
+    for pid in (1, 2):
+        m.feed(done(pid, T0 + 1, [req("/a", 0.01, T0 + 0.5, tid=pid)] * 20), T0 + 1)
+    for i, pids in enumerate(timeline, start=1):
+        run(m, T0 + i, pids, gen, cfg)
+    assert kinds(m, T0 + 30) == ["recycled", "recycled", "started", "started", "reloaded",
+                                 "added", "removed"]
+    assert not [p for p in m.snapshot(T0 + 30).problems if p.kind == "crash_loop"]
