@@ -19,7 +19,7 @@ import pytest
 from flasktop.model.events import SourceState, StackSample, ThreadDump
 from flasktop.sources.pyspy import (
     DENIED_DETAIL, MISSING_DETAIL, Sampler, Schedule, classify_failure, find_py_spy,
-    parse_dump, pid_alive,
+    has_frames, parse_dump, pid_alive,
 )
 from tests.support import FIXTURES, Gunicorn, gunicorn, kill_tree, wait_until
 
@@ -405,6 +405,9 @@ def test_parse_tolerates_version_differences(sync_app: Gunicorn) -> None:
         with pytest.raises(ValueError):
             parse_dump(bad, pid)
     assert parse_dump("[]", pid).threads == ()
+    assert has_frames(full) and not has_frames(parse_dump("[]", pid))
+    dying = [{"thread_id": 1, "thread_name": None, "os_thread_id": pid, "frames": []}]
+    assert not has_frames(parse_dump(json.dumps(dying), pid))  # a worker killed mid-dump
 
 
 def test_pid_alive() -> None:

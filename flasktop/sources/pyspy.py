@@ -174,6 +174,11 @@ def parse_dump(text: str, pid: int, t: float = 0.0, dump_s: float = 0.0) -> Stac
     return StackSample(t=t, pid=pid, threads=tuple(threads), dump_s=dump_s)
 
 
+def has_frames(sample: StackSample) -> bool:
+    """False for a dump with no Python frame in any thread (an interpreter starting or ending)."""
+    return any(th.frames for th in sample.threads)
+
+
 def _proc_status(pid: int) -> Dict[str, str]:
     try:
         with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
@@ -518,6 +523,13 @@ class Sampler:
             snippet = out[:60].decode("utf-8", "replace").strip().replace("\n", " ")
             self._state(pid, "error", f"py-spy printed something unreadable for pid {pid} "
                         f"({e}): {snippet!r}", transient=True)
+            return None, wall
+        if not has_frames(sample):
+            # Seen on a worker dying from gunicorn's timeout: its interpreter is tearing down.
+            # Such a sample would hide the last real stack; report it only if it persists.
+            if pid_alive(pid):
+                self._state(pid, "error", f"py-spy found no Python frames in pid {pid}",
+                            transient=True)
             return None, wall
         self._state(pid, "ok", "")
         self._emit(sample)
