@@ -218,7 +218,7 @@ def _pick_master() -> int:
         from flasktop.textsafe import sanitize
 
         # A command line is anyone's text (gunicorn --name, argv): never raw to a terminal.
-        listing = "; ".join(f"{m.pid} ({sanitize(' '.join(m.cmdline), 60)})" for m in masters)
+        listing = "; ".join(f"{m.pid} ({sanitize(' '.join(m.cmdline), 120)})" for m in masters)
         raise CliError(f"{len(masters)} gunicorn masters found, pick one with --pid: {listing}")
     return chosen
 

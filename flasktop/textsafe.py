@@ -1,15 +1,18 @@
 """Make text from outside (route, thread, file names, process titles) safe for a terminal.
 
 Whatever the app, py-spy or a datagram says is shown literally: control
-characters (C0, DEL, C1, so ESC and every escape sequence), bidirectional
-overrides and zero-width characters are replaced with a visible placeholder,
-and the length is capped. Markup is a renderer's concern: the UI wraps the
-result in ``rich.text.Text`` so ``[/]`` stays ``[/]``.
+characters (C0, DEL, C1, so ESC and every escape sequence), format characters
+(bidirectional overrides and isolates, zero-width characters, the BOM, the Arabic
+letter mark, invisible TAG characters ...), line and paragraph separators and lone
+surrogates are replaced with a visible placeholder, and the length is capped.
+Markup is a renderer's concern: the UI wraps the result in ``rich.text.Text`` so
+``[/]`` stays ``[/]``.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 PLACEHOLDER = "\ufffd"
 ELLIPSIS = "\u2026"
@@ -22,6 +25,13 @@ _UNSAFE = re.compile(
     "\ud800-\udfff"  # lone surrogates (JSON can carry them; no terminal can print them)
     "\ufeff\ufff9-\ufffb]"  # BOM/ZWNBSP, interlinear annotation
 )
+# Every other character of these categories too: Cc control, Cf format (U+061C, U+180E,
+# U+00AD, the TAG block U+E0000-U+E007F ...), Cs surrogate, Zl/Zp separators.
+_UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+
+
+def _safe(ch: str) -> str:
+    return PLACEHOLDER if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch
 
 
 def sanitize(text: object, limit: int = 300) -> str:
@@ -29,7 +39,11 @@ def sanitize(text: object, limit: int = 300) -> str:
     s = text if isinstance(text, str) else str(text)
     if s.isascii() and s.isprintable() and len(s) <= limit:
         return s
+    if len(s) > limit * 4:
+        s = s[: limit * 4]
     s = _UNSAFE.sub(PLACEHOLDER, s)
+    if not s.isascii():
+        s = "".join(ch if ch < "\u00a0" else _safe(ch) for ch in s)
     if len(s) > limit:
         s = s[: max(0, limit - 1)] + ELLIPSIS
     return s

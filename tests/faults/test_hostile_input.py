@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
+from rich.text import Text
+
 import pytest
 
 from flasktop.engine import Engine
@@ -266,3 +268,251 @@ def test_datagrams_before_the_first_topology_reading_are_not_trusted(tmp_path, e
             assert snap.beacon.ignored == len(forged)
         finally:
             engine.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Scenario 10: text meant to attack the terminal, in every name flasktop shows
+
+import asyncio  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import unicodedata  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+import hostile_names_app as names  # noqa: E402
+
+PROC_NAME = "\x1b]0;pwned\x07[red]x\u202e\u200b"
+# Labels only a crafted datagram can carry (the beacon's clip() would replace the invisible
+# ones): the decoder accepts them, they have no control character.
+CRAFTED = ("[/]crafted", "[link=https://evil.example]click[/link]", "\u202ecrafted\u200b\u2067rtl\ufeff",
+           "crafted-" + "W" * 192, "[bold]\u061c[/bold]")
+CRAFTED_METHOD = "G[/]ET"
+CRAFTED_EXC = "[red]Boom\u202e"
+
+
+def _unsafe(text: str) -> List[str]:
+    """Characters a terminal would act on or that reorder or hide text: C0/C1, DEL, and
+    format characters (bidi overrides and isolates, zero-width, BOM)."""
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Cf") and c not in "\n"]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    udp = free_port(socket.SOCK_DGRAM)
+    env = {"FLASKTOP_BEACON": f"127.0.0.1:{udp}", "PYTHONPATH": str(ROOT),
+           "HOSTILE_DIR": str(folder), "HOSTILE_RELEASE": str(folder / "release")}
+    try:
+        with gunicorn("hostile_names_app:app", "-w", "2", "--timeout", "60", "--name", PROC_NAME,
+                      env=env, workers_expected=2) as g:
+            yield g, udp, folder
+    finally:
+        (folder / "release").touch()
+
+
+def _hang(g: Gunicorn, folder: Path) -> threading.Thread:
+    def run() -> None:
+        try:
+            g.get("/hostile-hang", timeout=70)
+        except OSError:
+            pass
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_until((folder / "release.started").exists, timeout=10, message="the hostile hang to begin")
+    return t
+
+
+def _hit_all(g: Gunicorn) -> None:
+    for rule in names.HOSTILE_ROUTES:
+        assert g.get(names.request_path(rule)).status == 200, rule
+
+
+def _send_crafted(udp: int, pid: int) -> None:
+    """Hostile labels in valid datagrams claiming a real worker. seq 0 sits below what its
+    beacon has sent, so the listener takes it as a late duplicate: no loss is invented."""
+    enc = Encoder(pid)
+    rows = [[label, "[i]e", CRAFTED_METHOD, 500, 1500, 10, CRAFTED_EXC, 4242, 0] for label in CRAFTED]
+    enc.seq = -1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in enc.requests(int(__import__("time").time() * 1000), rows):
+            s.sendto(d, ("127.0.0.1", udp))
+
+
+def test_hostile_names_in_the_human_report_are_shown_literally(hostile):
+    """``flasktop snapshot`` (human report) on stdout: markup literal, no escape byte, no
+    bidi or zero-width character; the busy worker's stack names the hostile frame."""
+    g, udp, folder = hostile
+    proc = subprocess.Popen([sys.executable, "-m", "flasktop", "snapshot", "--pid", str(g.pid),
+                             "--beacon", f"127.0.0.1:{udp}", "--seconds", "3", "--sample-interval", "0.5"],
+                            cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        from tests.faults.test_permissions import _udp_bound
+        wait_until(lambda: _udp_bound(udp) or proc.poll() is not None, timeout=20,
+                   message="flasktop to listen")
+        _hit_all(g)
+        _send_crafted(udp, g.worker_pids()[0])
+        _hang(g, folder)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        __import__("tests.support", fromlist=["kill_tree"]).kill_tree(proc.pid)
+        (folder / "release").touch()
+    assert proc.returncode == 0, err
+    assert b"\x1b" not in out and b"\x07" not in out and b"\x1b" not in err
+    text = out.decode("utf-8")
+    assert _unsafe(text) == [], _unsafe(text)
+    lines = text.splitlines()
+    route_lines = [ln.strip() for ln in lines if ln.startswith("  GET ") or ln.startswith(" *GET ")
+                   or ln.strip().startswith(CRAFTED_METHOD)]
+    for literal in ("GET /[/]", "GET /[link=https:evil.example]x", "GET /[bold red]x<int:n>",
+                    "GET /clear\ufffd[2J\ufffd[H", "GET /\ufffd]8;;https:evil.example\ufffd\\x",
+                    "G[/]ET [/]crafted", "G[/]ET [link=https://evil.example]cl"):
+        assert any(ln.startswith(literal) for ln in route_lines), (literal, route_lines)
+    assert any(ln.startswith("GET /LLLL") and "\u2026" in ln for ln in route_lines)  # cut, marked
+    # the hung worker's stack: the renamed function in the oddly named file, shown inert
+    assert any("[/]\ufffd[2Jwait\ufffd (hostile_[link=https:evil]\ufffdmod\ufffd[31m.py:" in ln
+               for ln in lines), text
+
+
+def _wait_app(pilot, cond, timeout: float, message: str):
+    async def run():
+        deadline = __import__("time").monotonic() + timeout
+        while not cond():
+            if __import__("time").monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            await pilot.pause(0.1)
+    return run()
+
+
+def test_hostile_names_in_the_textual_ui_and_json(hostile):
+    """FlasktopApp under Pilot fed by a real Engine attached to the hostile app: the route
+    table, the worker screen (thread names, frames) and the exported screen hold the names
+    literally, markup never interpreted, no ESC; the JSON of the same snapshots is valid
+    and preserves every string exactly as received."""
+    from flasktop.ui.app import FlasktopApp
+    from flasktop.ui.overview import MemoryTable, RoutesTable
+    from flasktop.ui.worker import WorkerScreen
+    from flasktop.ui.widgets import Line
+
+    g, udp, folder = hostile
+    (folder / "release").unlink(missing_ok=True)
+    (folder / "release.started").unlink(missing_ok=True)
+    engine = Engine(g.pid, beacon=("127.0.0.1", udp), refresh=0.3, sample_interval=0.5)
+    app = FlasktopApp(engine, attaching_to=f"gunicorn {g.pid}")
+    routes_seen = {names.request_path(r) for r in names.HOSTILE_ROUTES}
+    assert len(routes_seen) == len(names.HOSTILE_ROUTES)
+    state: Dict[str, object] = {}
+
+    def ready() -> bool:
+        snap = app.latest
+        if snap is None:
+            return False
+        busy = [w for w in snap.workers if w.state in ("busy", "stuck") and w.stack
+                and any("wait" in f for f in w.stack)]
+        named = [w for w in snap.workers if any(t.name == names.THREAD_NAME for t in w.threads)]
+        return (len([r for r in snap.routes if r.count]) >= len(names.HOSTILE_ROUTES) + len(CRAFTED)
+                and bool(busy) and len(named) == 2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(160, 50)) as pilot:
+            _hit_all(g)
+            _send_crafted(udp, g.worker_pids()[0])
+            _hang(g, folder)
+            await _wait_app(pilot, ready, 30, "all routes, the hang's stack and the thread names")
+            await pilot.pause()
+            snap = app.latest
+            state["snap"] = snap
+            table = app.screen.query_one(RoutesTable)
+            keys = [str(r.key.value) for r in table.ordered_rows]
+            cells = {k: table.get_cell(k, "route") for k in keys}
+            for k, value in cells.items():
+                assert isinstance(value, Text)
+                assert all(span.end <= 2 for span in value.spans), (k, value.spans)  # markup inert
+                assert _unsafe(value.plain) == [], (k, value.plain)
+            plains = [v.plain.strip() for v in cells.values()]
+            for literal in ("GET /[/]", "GET /[link=https:evil.example]x", "GET /[bold red]x<int:n>",
+                            "G[/]ET [/]crafted", "G[/]ET [link=https://evil.example]click[/link]",
+                            "G[/]ET [bold]\ufffd[/bold]"):
+                assert literal in plains, (literal, plains)
+            svg = app.export_screenshot()
+            assert "\x1b" not in svg and "\u202e" not in svg
+            assert "GET /[/]" in __import__("html").unescape(svg).replace("\xa0", " ")
+            # drill into the hung worker: thread names and frames, inert
+            hung = next(w for w in snap.workers if w.state in ("busy", "stuck") and w.stack)
+            memory = app.screen.query_one(MemoryTable)
+            memory.focus()
+            mkeys = [str(r.key.value) for r in memory.ordered_rows]
+            memory.move_cursor(row=mkeys.index(str(hung.pid)))
+            await pilot.press("enter")
+            await _wait_app(pilot, lambda: isinstance(app.screen, WorkerScreen), 5, "the worker screen")
+            await _wait_app(pilot, lambda: "pwned" in app.screen.query_one("#stacks", Line).plain, 10,
+                            "the thread names on the worker screen")
+            stacks = app.screen.query_one("#stacks", Line).plain
+            assert _unsafe(stacks) == [], [hex(ord(c)) for c in _unsafe(stacks)]
+            assert "\u241b[31mT\u241b]0;pwned" in stacks  # ESC shown as a visible symbol
+            assert "[/]\u241b[2Jwait" in stacks and "hostile_[link=https:evil]" in stacks
+            svg = app.export_screenshot()
+            assert "\x1b" not in svg and "\x07" not in svg and "\u202e" not in svg
+            # Only the known startup error (tests/faults/test_terminal.py, xfail): a first
+            # snapshot delivered before the overview has composed its tables.
+            assert all(e.startswith("NoMatches") for e in app.render_errors[:1]), app.render_errors
+            assert len(app.render_errors) <= 1, app.render_errors
+        state["stopped"] = True
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()
+        (folder / "release").touch()
+    assert state.get("stopped")
+    # JSON: valid, no raw ESC, and every string preserved exactly as received
+    snap = state["snap"]
+    raw = snap.to_json()  # what `flasktop snapshot --json` writes
+    assert "\x1b" not in raw and "\u202e" not in raw
+    doc = json.loads(raw)
+    threads = [t["name"] for w in doc["workers"] for t in w["threads"]]
+    assert threads.count(names.THREAD_NAME) == 2
+    routes = {(r["route"], r["method"]) for r in doc["routes"]}
+    for label in CRAFTED:
+        assert (label, CRAFTED_METHOD) in routes
+    assert ("/clear\ufffd[2J\ufffd[H", "GET") in routes  # the beacon replaced the ESCs before sending
+    frames = [f for w in doc["workers"] if w["stack"] for f in w["stack"]]
+    assert any(f.startswith(names.FUNC_NAME + " (" + names.FILE_NAME) for f in frames), frames
+
+
+def test_hostile_process_title_in_the_master_listing(hostile):
+    """gunicorn --name with escapes: setproctitle is not installed, so the title is not
+    changed; the name stays in the master's command line, which flasktop prints when it
+    lists masters to pick from. That listing is one line, inert."""
+    g, udp, folder = hostile
+    with gunicorn("hostile_names_app:app", "-w", "1", env={"PYTHONPATH": str(ROOT)}, workers_expected=1):
+        r = subprocess.run([sys.executable, "-m", "flasktop"], cwd=str(ROOT), capture_output=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+    assert r.returncode == 2 and r.stdout == b""
+    err = r.stderr.decode("utf-8")
+    assert len(err.strip().splitlines()) == 1
+    assert f"{g.pid} (" in err and "pwned" in err and "[red]x" in err
+    assert _unsafe(err.strip()) == [], _unsafe(err)
+
+
+INVISIBLE = ("/admin\U000e0041\U000e0042", "/soft\u00adhyphen", "/mongolian\u180evowel", "/alm\u061c")
+
+
+def test_report_sanitizer_replaces_every_invisible_format_character():
+    from flasktop.textsafe import PLACEHOLDER, sanitize
+
+    for label in INVISIBLE:
+        shown = sanitize(label)
+        assert _unsafe(shown) == [] and PLACEHOLDER in shown, (label, shown)
+
+
+@pytest.mark.xfail(strict=True, reason="ui (flasktop/ui/text.py clean): only a fixed list of format "
+                   "characters is replaced; the invisible TAG block U+E0000-U+E007F and U+00AD SOFT "
+                   "HYPHEN pass through to the screen, so '/admin' + TAG characters shows as '/admin'. "
+                   "flasktop/textsafe.py (the report) now replaces every Cc/Cf/Cs/Zl/Zp character")
+def test_ui_shows_every_invisible_format_character_as_a_placeholder():
+    from flasktop.ui.text import safe_text
+
+    for label in INVISIBLE:
+        shown = safe_text(label).plain
+        assert _unsafe(shown) == [], (label, [hex(ord(c)) for c in _unsafe(shown)])
