@@ -872,9 +872,14 @@ class Model:
             out.append(SourceView("pyspy", st.state, st.detail))
         elif failed:
             pids = ", ".join(str(p) for p, _ in failed[:5]) + ("..." if len(failed) > 5 else "")
-            out.append(SourceView("pyspy", "degraded",
-                                  f"py-spy failed for {len(failed)} of {len(self._workers)} "
-                                  f"workers ({pids}): {failed[0][1].detail}"))
+            if len(failed) < len(self._workers):
+                state, count = "degraded", f"{len(failed)} of {len(self._workers)}"
+            else:  # no stacks at all: say why, as the workers' own state (denied, error...)
+                states = [s.state for _, s in failed]
+                state = max(sorted(set(states)), key=states.count)
+                count = f"all {len(failed)}"
+            out.append(SourceView("pyspy", state, f"py-spy failed for {count} workers ({pids}): "
+                                  f"{failed[0][1].detail}"))
         elif st is not None or self._samples:
             out.append(SourceView("pyspy", "ok", st.detail if st is not None else ""))
         else:

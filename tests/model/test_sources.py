@@ -75,6 +75,9 @@ def test_pyspy_failures_per_pid_are_one_line() -> None:
     st, detail = state(m, "pyspy", T0)
     assert st == "degraded"
     assert detail.startswith("py-spy failed for 2 of 3 workers (8, 9): permission denied on 8")
+    m.feed(SourceState("pyspy", "denied", "permission denied on 7: run as root", 7), T0)
+    st, detail = state(m, "pyspy", T0)
+    assert st == "denied" and detail.startswith("py-spy failed for all 3 workers (7, 8, 9)")
     m.feed(SourceState("pyspy", "missing", "py-spy not found: pip install py-spy"), T0)
     assert state(m, "pyspy", T0) == ("missing", "py-spy not found: pip install py-spy")
 
