@@ -218,7 +218,8 @@ class Churn:
 
     def _recycle_event(self, d: Departure, max_requests: Optional[int]) -> WorkerEvent:
         if self._spent(d, max_requests):
-            text = f"worker {d.pid} recycled after {d.served} requests (max_requests {max_requests})"
+            text = (f"worker {d.pid} recycled after {d.served} requests "
+                    f"(max_requests {max_requests})")
         else:
             text = f"worker {d.pid} exited idle: probably recycled (max_requests {max_requests})"
         return WorkerEvent(d.t, "recycled", d.pid, text)

@@ -21,7 +21,8 @@ from flasktop.model.series import finite, trend
 from flasktop.model.sketch import ZERO_KEY, Sketch, merge_counts, quantiles_of, summary_of
 from flasktop.model.snapshot import (
     BUSY, IDLE, STARTING, STOPPED, STUCK, UNKNOWN, BeaconView, HotFrame, InFlightView,
-    LatencyPoint, MasterView, RequestRecord, RouteView, Snapshot, SourceView, ThreadView, WorkerView,
+    LatencyPoint, MasterView, RequestRecord, RouteView, Snapshot, SourceView, ThreadView,
+    WorkerView,
 )
 from flasktop.model.workers import (
     MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut,
@@ -35,7 +36,7 @@ UNNAMED = (UNMATCHED, PENDING)
 NO_ROUTE = "<no beacon>"  # the route of a request seen only in a stack
 MAX_THREADS = 512  # per sample
 MAX_REQ_SECONDS = 64  # per worker, seconds of requests waiting to meet their RSS reading
-LAST_WORDS_S = 5.0  # a long request that completed this soon before its worker vanished died with it
+LAST_WORDS_S = 5.0  # a long request completed this soon before its worker vanished: died with it
 
 
 class Model:
@@ -698,44 +699,13 @@ class Model:
         cfg = self.cfg
         out: List[WorkerView] = []
         notes: Dict[int, Notes] = {}
-        floor = max(cfg.stuck_floor_min_s, cfg.stuck_floor_fraction * timeout)
-        hard = cfg.stuck_timeout_fraction * timeout
-        cls = self._tick.config.effective_worker_class if self._tick is not None else "sync"
         for pid in sorted(self._workers):
             w = self._workers[pid]
             ps = w.stats
             views = self._inflight_views(w, now)
             oldest = views[0] if views else None
-            stuck_for: Optional[float] = None
-            why: Dict[int, str] = {}
-            if oldest is not None:
-                p95 = usual.get((oldest.route, oldest.method)) if oldest.source == "beacon" else None
-                age = oldest.elapsed_s
-                if age >= hard:
-                    stuck_for = age
-                    why[pid] = f"over half the timeout ({timeout:.0f} s)"
-                elif p95 is not None and age >= floor and age >= cfg.stuck_p95_multiple * p95:
-                    stuck_for = age
-                    why[pid] = f"{age / max(p95, 1e-9):.0f}x the route's usual p95 ({p95 * 1000:.0f} ms)"
+            state, stuck_for, why = self._state(w, oldest, bool(views), now, timeout, usual)
             hb = ps.heartbeat_age_s if ps is not None else None
-            if stuck_for is None and hb is not None and hb >= cfg.heartbeat_stuck_fraction * timeout \
-                    and (oldest is None or oldest.source == "stack"):
-                stuck_for = hb
-                why[pid] = f"gunicorn heartbeat {hb:.0f} s old ({cls} worker)"
-            if ps is not None and (ps.status == "stopped" or w.traced_ticks >= 2):
-                state = STOPPED
-                why.pop(pid, None)
-                stuck_for = None
-            elif stuck_for is not None:
-                state = STUCK
-            elif views:
-                state = BUSY
-            elif w.beacon_t is not None or w.sample_t is not None:
-                state = IDLE
-            elif not w.pre_attach and now - w.first_seen < cfg.starting_grace_s:
-                state = STARTING
-            else:
-                state = UNKNOWN
             by_tid = {v.tid: v for v in views}
             threads = tuple(ThreadView(th.tid, th.name, th.active, th.frames, by_tid.get(th.tid))
                             for th in sorted(w.threads.values(), key=lambda x: x.tid))
@@ -752,7 +722,7 @@ class Model:
                 rate = f.slope if f is not None and f.n >= 10 else None
             fd, fd_rate = self._fd_trend(w, now, born)
             if why or mem.growing or fd:
-                notes[pid] = Notes(why.get(pid), mem if mem.growing else None, fd)
+                notes[pid] = Notes(why, mem if mem.growing else None, fd)
             out.append(WorkerView(
                 pid=pid, state=state, started=born,
                 rss_bytes=ps.rss if ps is not None else None,
@@ -781,6 +751,36 @@ class Model:
                 fd_leak_suspected=fd is not None,
             ))
         return out, notes
+
+    def _state(self, w: WorkerState, oldest: Optional[InFlightView], busy: bool, now: float,
+               timeout: float, usual: Dict[RouteKey, float]
+               ) -> Tuple[str, Optional[float], Optional[str]]:
+        """The worker's state, how long it has been stuck, and why (docs/model.md, Workers)."""
+        cfg = self.cfg
+        ps = w.stats
+        if ps is not None and (ps.status == "stopped" or w.traced_ticks >= 2):
+            return STOPPED, None, None
+        if oldest is not None:
+            age = oldest.elapsed_s
+            if age >= cfg.stuck_timeout_fraction * timeout:
+                return STUCK, age, f"over half the timeout ({timeout:.0f} s)"
+            p95 = usual.get((oldest.route, oldest.method)) if oldest.source == "beacon" else None
+            if p95 is not None and age >= cfg.stuck_p95_multiple * p95 \
+                    and age >= max(cfg.stuck_floor_min_s, cfg.stuck_floor_fraction * timeout):
+                return STUCK, age, (f"{age / max(p95, 1e-9):.0f}x the route's usual p95 "
+                                    f"({p95 * 1000:.0f} ms)")
+        hb = ps.heartbeat_age_s if ps is not None else None
+        if hb is not None and hb >= cfg.heartbeat_stuck_fraction * timeout \
+                and (oldest is None or oldest.source == "stack"):
+            cls = self._tick.config.effective_worker_class if self._tick is not None else "sync"
+            return STUCK, hb, f"gunicorn heartbeat {hb:.0f} s old ({cls} worker)"
+        if busy:
+            return BUSY, None, None
+        if w.beacon_t is not None or w.sample_t is not None:
+            return IDLE, None, None
+        if not w.pre_attach and now - w.first_seen < cfg.starting_grace_s:
+            return STARTING, None, None
+        return UNKNOWN, None, None
 
     @staticmethod
     def _records(w: WorkerState) -> Tuple[RequestRecord, ...]:
@@ -890,7 +890,8 @@ class Model:
         if st is not None and st.state not in ("ok", "waiting", "degraded"):
             out.append(SourceView("beacon", st.state, st.detail))
         elif self._heard is None:
-            out.append(SourceView("beacon", "waiting", st.detail if st is not None and st.detail else
+            hint = st.detail if st is not None and st.detail else ""
+            out.append(SourceView("beacon", "waiting", hint or
                                   f"no datagram yet{' on ' + addr if addr else ''}: instrument the "
                                   "app with flasktop.beacon.Beacon(app)"))
         elif now - self._heard > cfg.beacon_silent_s:

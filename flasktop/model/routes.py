@@ -76,7 +76,8 @@ class RouteStats:
 def slot_point(slot: Slot, slot_s: float, sk: Sketch) -> LatencyPoint:
     if slot.point is None:
         p50, p95, p99 = quantiles_of(slot.buckets, slot.count, QS, sk, 0.0, slot.max)
-        slot.point = LatencyPoint((slot.epoch + 1) * slot_s, slot.count, _ms(p50), _ms(p95), _ms(p99))
+        slot.point = LatencyPoint((slot.epoch + 1) * slot_s, slot.count,
+                                  _ms(p50), _ms(p95), _ms(p99))
     return slot.point
 
 
