@@ -678,7 +678,7 @@ class Model:
             top = heapq.nlargest(keep, top + cur.slowest)
         p50, p95, p99 = quantiles_of(buckets, c, QS, self._sk, 0.0, mx)
         records = self._memo(rs, "slowest", tuple(x[1] for x in top),
-                             lambda: slowest_records(top, rs.route, rs.method))
+                             lambda: slowest_records(top, rs))
         return p50, p95, p99, records
 
     def _hot(self, rs: RouteStats) -> Tuple[HotFrame, ...]:

@@ -128,6 +128,15 @@ def window_counts(slots: List[Slot]) -> Tuple[int, int, float, float]:
     return c, e, busy, mx
 
 
-def slowest_records(top: List[Slow], route: str, method: str) -> Tuple[RequestRecord, ...]:
-    return tuple(RequestRecord(route, method, r.status, round(d * 1000.0, 3), pid, r.tid, r.end,
-                               r.exc, r.size) for d, _, pid, r in top)
+def slowest_records(top: List[Slow], rs: RouteStats) -> Tuple[RequestRecord, ...]:
+    """Records of the slowest requests; those already built for an earlier snapshot are reused."""
+    prev: Dict[int, RequestRecord] = rs.memo.get("records", (None, {}))[1]  # type: ignore[assignment]
+    made: Dict[int, RequestRecord] = {}
+    for d, seq, pid, r in top:
+        rec = prev.get(seq)
+        if rec is None:
+            rec = RequestRecord(rs.route, rs.method, r.status, round(d * 1000.0, 3), pid, r.tid,
+                                r.end, r.exc, r.size)
+        made[seq] = rec
+    rs.memo["records"] = (None, made)
+    return tuple(made[x[1]] for x in top)
