@@ -1,0 +1,92 @@
+"""The Flask extension: ``Beacon(app)`` or ``Beacon().init_app(app)``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+from flasktop.beacon._address import AddressArg
+from flasktop.beacon._middleware import BeaconMiddleware
+from flasktop.beacon._reporter import EXC, RULE, find_record
+
+log = logging.getLogger("flasktop.beacon")
+
+
+
+class Beacon:
+    """Report every request of a Flask app to flasktop over loopback UDP.
+
+    ``address`` beats ``app.config["FLASKTOP_BEACON"]``, which beats the environment
+    variable ``FLASKTOP_BEACON``, which beats ``DEFAULT_ADDRESS``; ``"off"`` at the
+    winning level turns it off (the app is then not wrapped at all).
+    """
+
+    def __init__(self, app: Any = None, address: AddressArg = None) -> None:
+        self.address = address
+        self.middleware: Optional[BeaconMiddleware] = None
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Any) -> None:
+        """Wrap ``app.wsgi_app``. Never raises: a failure leaves the app as it was."""
+        try:
+            self._init_app(app)
+        except Exception:  # noqa: BLE001
+            log.warning("flasktop beacon: not installed on %r", app, exc_info=True)
+
+    def _init_app(self, app: Any) -> None:
+        existing = app.wsgi_app
+        if isinstance(existing, BeaconMiddleware):
+            self.middleware = existing
+            return
+        middleware = BeaconMiddleware(existing, self.address, config=app.config)
+        if not middleware.enabled:
+            return
+        _watch_exceptions(app)
+        app.wsgi_app = middleware
+        app.extensions["flasktop_beacon"] = self
+        self.middleware = middleware
+
+    @property
+    def enabled(self) -> bool:
+        return self.middleware is not None
+
+    def stats(self) -> Dict[str, int]:
+        return self.middleware.stats() if self.middleware is not None else {}
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        return self.middleware.flush(timeout) if self.middleware is not None else False
+
+
+def _record_exception(sender: Any, exception: Optional[BaseException] = None, **_: Any) -> None:
+    """got_request_exception: Flask is about to turn ``exception`` into a 500."""
+    if exception is None:
+        return
+    try:
+        from flask import request
+
+        rec = find_record(request.environ)
+        if rec is not None:
+            rec[EXC] = type(exception).__name__
+            if rec[RULE] is None:  # the exception may propagate past start_response
+                rec[RULE] = request.url_rule
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _teardown(exc: Optional[BaseException]) -> None:
+    if exc is not None:
+        _record_exception(None, exc)
+
+
+def _watch_exceptions(app: Any) -> None:
+    """Learn exception types on the exception path only (a signal), else via teardown."""
+    try:
+        from flask import signals
+
+        if getattr(signals, "signals_available", True):
+            signals.got_request_exception.connect(_record_exception, app, weak=False)
+            return
+    except Exception:  # noqa: BLE001 - no blinker on an old Flask
+        pass
+    app.teardown_request(_teardown)

@@ -1,0 +1,202 @@
+"""The WSGI middleware: the only beacon code that runs on the request path.
+
+Per request it reads the clock twice, builds one small list, keeps references in it
+(status string, headers list, matched rule) and appends it to a deque. No formatting,
+no parsing, no I/O, no lock: the flusher thread in ``_reporter`` does all of that.
+"""
+
+from __future__ import annotations
+
+import threading
+from threading import get_native_id
+from time import perf_counter
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional
+
+from flasktop.beacon._address import AddressArg, choose
+from flasktop.beacon._reporter import (QUEUE_CAP, WAKE_AT, Reporter, _log_failure_once,
+                                       reporter_for)
+
+WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# get_native_id() is a system call; a thread-local is ~6x cheaper. Created at import:
+# under gevent with --preload it is the real thread's local (greenlets share the tid).
+_tls = threading.local()
+
+
+class BeaconMiddleware:
+    """Wrap any WSGI app: ``app = BeaconMiddleware(app)``.
+
+    ``address`` is ``"host:port"``, ``(host, port)`` or ``"off"``; when None, the
+    ``config`` mapping's ``FLASKTOP_BEACON``, then the environment variable
+    ``FLASKTOP_BEACON``, then ``DEFAULT_ADDRESS`` decide. Off, or an address that does
+    not resolve, makes this a plain pass-through.
+    """
+
+    __slots__ = ("wsgi_app", "reporter")
+
+    def __init__(self, wsgi_app: WSGIApp, address: AddressArg = None, *,
+                 config: Optional[Mapping[str, Any]] = None) -> None:
+        self.wsgi_app = wsgi_app
+        self.reporter: Optional[Reporter] = None
+        try:
+            self.reporter = reporter_for(choose(address, config))
+        except Exception:  # noqa: BLE001 - a broken beacon degrades to pass-through
+            _log_failure_once("setting up")
+
+    @property
+    def enabled(self) -> bool:
+        return self.reporter is not None
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this process's reporter (sent, reported, dropped, send_errors, ...)."""
+        return self.reporter.stats() if self.reporter is not None else {}
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Send what has ended now, from the calling thread."""
+        return self.reporter.flush(timeout) if self.reporter is not None else False
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        reporter = self.reporter
+        if reporter is None:
+            return self.wsgi_app(environ, start_response)
+        try:
+            try:
+                tid = _tls.tid
+            except AttributeError:
+                tid = _tls.tid = get_native_id()
+            # T0, ENVIRON, STATUS, CONTENT_LENGTH, TID, NBYTES, EXC, T1, RULE, METHOD
+            rec = [perf_counter(), environ, None, None, tid, -1, "", 0.0, None,
+                   environ.get("REQUEST_METHOD")]
+            started = reporter.started
+            n = len(started)
+            if n < WAKE_AT:
+                started.append(rec)
+            elif n < QUEUE_CAP:
+                started.append(rec)
+                if not reporter.woken:
+                    reporter.wakeup()
+            else:
+                reporter.dropped += 1
+            if not reporter.running:
+                reporter.start()
+            resp = _Response(rec, start_response)
+        except Exception:  # noqa: BLE001 - a broken beacon degrades to pass-through
+            _log_failure_once("recording a request")
+            return self.wsgi_app(environ, start_response)
+        try:
+            it = self.wsgi_app(environ, resp.start_response)
+        except BaseException as e:
+            rec[6] = type(e).__name__
+            _end(rec)
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if file_wrapper is not None and type(it) is file_wrapper:
+            return _hook_file_wrapper(it, rec)
+        resp._it = it
+        return resp
+
+
+class _Response:
+    """Wraps start_response, and is the response iterable: the request ends at close()."""
+
+    __slots__ = ("_it", "_rec", "_sr")
+
+    def __init__(self, rec: list, start_response: Callable[..., Any]) -> None:
+        self._rec = rec
+        self._sr = start_response
+
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        rec = self._rec
+        try:
+            rec[2] = status
+            if type(headers) is list:
+                rec[3] = dict(headers).get("Content-Length")  # not the list: hold little
+            req = rec[1].get("werkzeug.request")  # Flask drops it when the request ends
+            if req is not None:
+                rec[8] = getattr(req, "url_rule", None)
+        except Exception:  # noqa: BLE001 - malformed headers are the server's to refuse
+            pass
+        if exc_info is None:
+            return self._sr(status, headers)
+        return self._sr(status, headers, exc_info)
+
+    def __iter__(self) -> Iterator[bytes]:
+        rec = self._rec
+        if rec[3] is None:  # no Content-Length: count what is sent
+            return _counted(self._it, rec)
+        return iter(self._it)
+
+    def close(self) -> None:
+        rec = self._rec
+        if rec[7]:
+            return
+        try:
+            close = getattr(self._it, "close", None)
+            if close is not None:
+                close()
+        except BaseException as e:
+            if not rec[6]:
+                rec[6] = type(e).__name__
+            raise
+        finally:
+            if rec[8] is None and rec[1] is not None:
+                _unmatched(rec)
+            rec[1] = None  # the environ: a finished request holds only small values
+            rec[7] = perf_counter()
+
+
+def _unmatched(rec: list) -> None:
+    """No Flask rule: a non-Flask app may name its route in environ["flasktop.route"]."""
+    try:
+        rec[8] = rec[1].get("flasktop.route")
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _end(rec: list) -> None:
+    """Stamp the end of a request that did not end through _Response.close()."""
+    if rec[8] is None and rec[1] is not None:
+        _unmatched(rec)
+    rec[1] = None
+    rec[7] = perf_counter()
+
+
+def _counted(it: Iterable[bytes], rec: list) -> Iterator[bytes]:
+    n = 0
+    rec[5] = 0
+    try:
+        for chunk in it:
+            n += len(chunk)
+            rec[5] = n
+            yield chunk
+    except GeneratorExit:
+        raise
+    except BaseException as e:
+        rec[6] = type(e).__name__
+        raise
+
+
+def _hook_file_wrapper(it: Any, rec: list) -> Any:
+    """Keep the server's own file wrapper (sendfile) and end the request on its close()."""
+    inner = getattr(it, "close", None)
+
+    def close() -> None:
+        if rec[7]:
+            return
+        try:
+            if inner is not None:
+                inner()
+        finally:
+            _end(rec)
+
+    try:
+        it.close = close
+    except Exception:  # noqa: BLE001 - a wrapper with __slots__: keep ours around it
+        resp = _Response(rec, _no_start_response)
+        resp._it = it
+        return resp
+    return it
+
+
+def _no_start_response(*args: Any) -> None:
+    raise RuntimeError("start_response after the app returned a file wrapper")

@@ -1,0 +1,512 @@
+"""The per-process half of the beacon: the record queue, the flusher thread, the socket.
+
+The request path (``_middleware``) builds one list per request, appends it to
+:attr:`Reporter.started` when the request begins and stamps its end time when the
+server closes the response. Everything else happens on the flusher thread: it moves
+records to its own in-flight table, notices which have ended, reads the matched rule,
+parses the status, finds the size, clips labels, encodes and sends. The flusher is
+started lazily and re-created after fork.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from bisect import bisect_right
+from collections import deque
+from itertools import accumulate, compress, count, groupby, repeat
+from operator import add, itemgetter, methodcaller, mul, not_, sub
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from flasktop import protocol
+from flasktop.beacon._address import Target, resolve
+
+log = logging.getLogger("flasktop.beacon")
+
+QUEUE_CAP = 10_000  # records not yet seen by the flusher; past it requests go unreported, counted
+INFLIGHT_CAP = 10_000  # running requests tracked; past it the oldest are forgotten, counted
+WAKE_AT = 256  # a queue this long wakes the flusher early
+FLUSH_INTERVAL = 0.15  # seconds
+REPORT_INTERVAL = 1.0  # seconds between in-flight reports (the heartbeat)
+REPORT_ROWS = 96  # at most this many in-flight rows are encoded (oldest first)
+CACHE_CAP = 4096  # entries in each label / rule / status cache
+CHUNK = 4096  # ended requests encoded per pass
+_TABLE_BUDGET = 480  # bytes of string table a group of routes may share per datagram
+
+# A record is a plain list, the cheapest thing to build on the request path.
+# CONTENT_LENGTH is the header's value (None if absent), NBYTES the bytes iterated when
+# there was none (-1: not iterated). At close the middleware drops ENVIRON, then stamps T1.
+T0, ENVIRON, STATUS, CONTENT_LENGTH, TID, NBYTES, EXC, T1, RULE, METHOD = range(10)
+
+_METHODS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
+                           "TRACE", "CONNECT", "PROPFIND", "PROPPATCH", "MKCOL", "COPY",
+                           "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH", "PURGE")}
+_MAX_DUR_US = protocol._MAX_DUR_US
+_MAX_AGE_MS = protocol._MAX_AGE_MS
+_MAX_SIZE = protocol._MAX_SIZE
+_MAX_TID = protocol._MAX_TID
+_MAX_EVENTS = protocol._MAX_EVENTS
+_MAX_STRINGS = protocol._MAX_STRINGS
+_RESET_SOCKET = frozenset({errno.EBADF, errno.ENOTSOCK})
+# Bytes of a requests datagram besides its header, strings and events: '[' '],"e":[' ']}'.
+_FRAME = 1 + 8 + 2
+
+Label = Tuple[str, str, int]  # (clipped label, its JSON form, bytes it adds to the table)
+
+_first_failure_logged = False
+_call = methodcaller("__call__")
+_get_t1 = itemgetter(T1)
+
+
+def _log_failure_once(what: str) -> None:
+    global _first_failure_logged
+    if not _first_failure_logged:
+        _first_failure_logged = True
+        log.warning("flasktop beacon: %s failed; the app is unaffected", what, exc_info=True)
+
+
+def _json_label(text: str) -> Label:
+    j = json.dumps(text, ensure_ascii=False)
+    return text, j, len(j.encode("utf-8", "replace")) + 1
+
+
+_NO_EXC: Label = ("", "", 0)
+
+
+class Reporter:
+    """Collects and sends one process's request events to one address."""
+
+    def __init__(self, target: Target) -> None:
+        self.family, self.sockaddr = target
+        self._reset()
+
+    def _reset(self) -> None:
+        self.started: Deque[list] = deque()
+        self.flights: Dict[int, list] = {}  # flusher-owned: records seen still running
+        self.dropped = 0
+        self.send_errors = 0
+        self.sent = 0
+        self.reported = 0
+        self.unheard = 0  # ended requests not encoded because nobody was listening
+        self.listening = True  # until the kernel refuses a datagram
+        self.probed = False
+        self.running = False
+        self.woken = True  # no wake-ups until the flusher exists
+        self.wake: Optional[Any] = None
+        self.sock: Optional[socket.socket] = None
+        self.encoder = protocol.Encoder(os.getpid())
+        self.lock = threading.Lock()
+        self.start_lock = threading.Lock()
+        self.last_report = float("-inf")
+        self.labels: Dict[str, Label] = {}
+        self.rules: Dict[int, Tuple[Any, Label, Label]] = {}
+        self.codes: Dict[Any, int] = {}
+
+    # -- request path helpers (rare branches only) --------------------------------
+
+    def wakeup(self) -> None:
+        try:
+            if not self.woken:
+                self.woken = True
+                self.wake.set()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the app must never see the beacon fail
+            _log_failure_once("waking the flusher")
+
+    def start(self) -> None:
+        """Start this process's flusher thread (once; again after fork). Never raises."""
+        try:
+            with self.start_lock:
+                if self.running:
+                    return
+                self.running = True
+                # Looked up now, not at import: under gevent these are the patched versions.
+                self.wake = threading.Event()
+                thread = threading.Thread(target=self._run, name="flasktop-beacon", daemon=True)
+                thread.start()
+                self.woken = False
+        except Exception:  # noqa: BLE001 - e.g. no threads at interpreter shutdown
+            _log_failure_once("starting the flusher thread")
+
+    def find(self, environ: Any) -> Optional[list]:
+        """The running record for ``environ`` (exception path only: a scan)."""
+        try:
+            for rec in list(self.started) + list(self.flights.copy().values()):
+                if rec[ENVIRON] is environ and not rec[T1]:
+                    return rec
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+    # -- flusher ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        wake = self.wake
+        assert wake is not None
+        while True:
+            try:
+                wake.wait(FLUSH_INTERVAL)
+                self.woken = False
+                wake.clear()
+                self.flush()
+            except Exception:  # noqa: BLE001
+                _log_failure_once("flushing")
+                time.sleep(FLUSH_INTERVAL)
+
+    def flush(self, timeout: float = -1) -> bool:
+        """Send the requests that ended, and the in-flight report when it is due."""
+        if not self.lock.acquire(timeout=timeout):
+            return False
+        try:
+            self._flush()
+        finally:
+            self.lock.release()
+        return True
+
+    def _flush(self) -> None:
+        started = self.started
+        flights = self.flights
+        ended: List[list] = []
+        if flights:
+            seen = list(flights.values())
+            ended = list(compress(seen, map(_get_t1, seen)))
+            for rec in ended:
+                del flights[id(rec)]
+        k = len(started)
+        if k:
+            # Only this thread pops, so k pops cannot fail; done in C, not per item in Python.
+            batch = list(map(_call, repeat(started.popleft, k)))
+            ends = list(map(_get_t1, batch))
+            done = list(compress(batch, ends))
+            if len(done) < k:
+                running = list(compress(batch, map(not_, ends)))
+                flights.update(zip(map(id, running), running))
+            ended += done
+        if self.listening:
+            for i in range(0, len(ended), CHUNK):
+                self._send_requests(ended[i:i + CHUNK])
+        else:  # nobody listens (the kernel said so): not worth encoding
+            self.unheard += len(ended)
+        if len(flights) > INFLIGHT_CAP:
+            self._evict()
+        now = time.perf_counter()
+        if now - self.last_report >= REPORT_INTERVAL:
+            self.last_report = now
+            self._report(now, int(time.time() * 1000))
+
+    # -- labels -----------------------------------------------------------------
+
+    def _label(self, value: Any) -> Label:
+        labels = self.labels
+        try:
+            return labels[value]
+        except (KeyError, TypeError):
+            pass
+        label = _json_label(protocol.clip(value if type(value) is str else str(value)))
+        if len(labels) >= CACHE_CAP:
+            labels.clear()
+        if type(value) is str:
+            labels[value] = label
+        return label
+
+    def _rule(self, rule: Any) -> Tuple[Any, Label, Label]:
+        """Cache and return (rule, route label, endpoint label); keyed by id, holding the rule."""
+        if rule is None:
+            route, endpoint = self._label(protocol.UNMATCHED), self._label("")
+        elif type(rule) is str:
+            route, endpoint = self._label(rule), self._label("")
+        else:
+            route, endpoint = self._label(rule.rule), self._label(rule.endpoint or "")
+        if len(self.rules) >= CACHE_CAP:
+            self.rules.clear()
+        hit = self.rules[id(rule)] = (rule, route, endpoint)
+        return hit
+
+    def _code(self, status: Any) -> int:
+        code = _status(status)
+        if len(self.codes) >= CACHE_CAP:
+            self.codes.clear()
+        if type(status) is str:
+            self.codes[status] = code
+        return code
+
+    # -- requests datagrams ---------------------------------------------------------
+
+    def _send_requests(self, recs: List[list]) -> None:
+        """Encode ended requests to the wire format of protocol.Encoder.requests.
+
+        Column-wise, with map/zip/compress doing the per-request work in C: the flusher
+        shares the GIL with the app, so its cost per request is the app's cost too.
+        """
+        n = len(recs)
+        now = time.perf_counter()
+        t_ms = int(time.time() * 1000)
+        t0s, _, statuses, cls, tids, nbytes, excs, t1s, rules, methods = zip(*recs)
+        # Microseconds and milliseconds stay floats: "%d" truncates them like int() would.
+        # Both clocks are one monotonic clock, read in order: neither can be negative.
+        durs = list(map(mul, map(sub, t1s, t0s), repeat(1e6, n)))
+        if max(durs) > _MAX_DUR_US:
+            durs = [min(d, _MAX_DUR_US) for d in durs]
+        ages = list(map(mul, map(sub, repeat(now, n), t1s), repeat(1e3, n)))
+        if max(ages) > _MAX_AGE_MS:
+            ages = [min(a, _MAX_AGE_MS) for a in ages]
+        codes = list(map(self.codes.get, statuses))
+        if None in codes:
+            codes = [self._code(st) if c is None else c for c, st in zip(codes, statuses)]
+        try:
+            sizes = list(map(int, cls))  # the Content-Length values, when all are present
+        except (TypeError, ValueError):
+            sizes = [_size(cl, nb) for cl, nb in zip(cls, nbytes)]
+        if min(sizes) < -1 or max(sizes) > _MAX_SIZE:
+            sizes = [v if -1 <= v <= _MAX_SIZE else -1 for v in sizes]
+        if min(tids) < 1 or max(tids) >= _MAX_TID:
+            tids = tuple(t if 0 < t < _MAX_TID else 1 for t in tids)
+        hits = list(map(self.rules.get, map(id, rules)))
+        if None in hits:
+            hits = [self._rule(r) if h is None else h for h, r in zip(hits, rules)]
+        meths = list(map(_METHODS.get, methods, repeat("OTHER", n)))
+        nums = list(zip(codes, durs, sizes, tids, ages))
+        # Cached labels are shared objects: count() matches them by identity, cheaply.
+        if hits.count(hits[0]) == n and meths.count(meths[0]) == n and excs.count(excs[0]) == n:
+            runs = [(0, n)]
+        else:  # several routes: sort by route so each run shares its labels
+            keys = list(zip(map(id, hits), meths, excs))
+            order = sorted(range(n), key=keys.__getitem__)
+            pick = itemgetter(*order)
+            keys, hits, meths, excs, nums = pick(keys), pick(hits), pick(meths), pick(excs), pick(nums)
+            runs = []
+            pos = 0
+            for _, run in groupby(keys):
+                size = len(list(run))
+                runs.append((pos, pos + size))
+                pos += size
+        head_fmt = '{"v":%d,"k":"%s","pid":%d,"seq":%%d,"t":%d,"s":[' % (
+            protocol.VERSION, protocol.KIND_REQUESTS, self.encoder.pid, t_ms)
+        # Runs are gathered into groups that share one string table, sent whole in each of
+        # the group's datagrams; so every event is formatted once, with its final indexes.
+        strings: List[str] = []
+        index: Dict[str, int] = {}
+        table = 0
+        events: List[str] = []
+        for a, b in runs:
+            _, route, endpoint = hits[a]
+            x = self._label(excs[a]) if excs[a] else _NO_EXC
+            labels = [route, endpoint, self._label(meths[a])] + ([x] if x[1] else [])
+            fresh = list({lab[0]: lab for lab in labels if lab[0] not in index}.values())
+            added = sum(lab[2] for lab in fresh)
+            if events and (table + added > _TABLE_BUDGET
+                           or len(strings) + len(fresh) > _MAX_STRINGS):
+                self._pack_group(head_fmt, strings, table, events)
+                strings, index, table, events = [], {}, 0, []
+                fresh = list({lab[0]: lab for lab in labels}.values())
+                added = sum(lab[2] for lab in fresh)
+            for lab in fresh:
+                index[lab[0]] = len(strings)
+                strings.append(lab[1])
+            table += added
+            fmt = "[%d,%d,%d,%%d,%%d,%%d,%s,%%d,%%d]" % (
+                index[route[0]], index[endpoint[0]], index[labels[2][0]],
+                index[x[0]] if x[1] else -1)
+            events += map(fmt.__mod__, nums[a:b])
+        if events:
+            self._pack_group(head_fmt, strings, table, events)
+        self.reported += n
+
+    def _pack_group(self, head_fmt: str, strings: List[str], table: int, events: List[str]) -> None:
+        """Send ``events`` in as few datagrams as fit, each with the whole string table."""
+        room = protocol.MAX_DATAGRAM - (len(head_fmt) + 20 + _FRAME) - table
+        # ends[j] - (ends[i-1] + i): bytes of events i..j with their separating commas
+        ends = list(map(add, accumulate(map(len, events)), count()))
+        total = len(events)
+        pos = 0
+        base = 0
+        while pos < total:
+            j = bisect_right(ends, base + pos + room, pos, min(total, pos + _MAX_EVENTS))
+            j = max(j, pos + 1)
+            self._pack(head_fmt, strings, events[pos:j])
+            base = ends[j - 1] - (j - 1)
+            pos = j
+
+    def _pack(self, head_fmt: str, strings: List[str], parts: List[str]) -> None:
+        self.encoder.seq += 1
+        text = (head_fmt % self.encoder.seq + ",".join(strings) + '],"e":['
+                + ",".join(parts) + "]}")
+        self._send(text.encode("utf-8", "replace"))
+
+    # -- in-flight report -----------------------------------------------------------
+
+    def _report(self, now: float, t_ms: int) -> None:
+        snap = list(self.flights.values())
+        snap.sort(key=itemgetter(T0))
+        rows: List[list] = []
+        for rec in snap[:REPORT_ROWS]:
+            try:
+                environ = rec[ENVIRON]
+                route, endpoint = _live_route(environ)
+                age = int((now - rec[T0]) * 1e6)
+                age = 0 if age < 0 else (age if age < _MAX_DUR_US else _MAX_DUR_US)
+                tid = rec[TID] if 0 < rec[TID] < _MAX_TID else 1
+                rows.append([self._label(route)[0], self._label(endpoint)[0],
+                             _METHODS.get(rec[METHOD], "OTHER"), tid, age])
+            except Exception:  # noqa: BLE001
+                continue
+        for data in self.encoder.inflight(t_ms, rows, max(len(snap), len(rows)),
+                                          self.dropped, self.send_errors):
+            self._probe(data)
+
+    def _evict(self) -> None:
+        """Forget the oldest running entries past the cap (a server that never closes)."""
+        flights = self.flights
+        recs = sorted(flights.values(), key=itemgetter(T0))
+        for rec in recs[:len(recs) - INFLIGHT_CAP]:
+            del flights[id(rec)]
+            self.dropped += 1
+
+    # -- socket -------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> bool:
+        """Send one datagram; False when it was refused (nobody listens) or failed."""
+        sock = self.sock
+        try:
+            if sock is None:
+                sock = socket.socket(self.family, socket.SOCK_DGRAM)
+                try:
+                    sock.setblocking(False)
+                    # Connected, so the kernel reports "nobody listens" (ECONNREFUSED).
+                    sock.connect(self.sockaddr)
+                except OSError:
+                    sock.close()
+                    raise
+                self.sock = sock
+            sock.send(data)
+            self.sent += 1
+            return True
+        except ConnectionRefusedError:
+            self.send_errors += 1
+            self.listening = False
+            self.probed = False
+            return False
+        except OSError as e:
+            self.send_errors += 1
+            if e.errno in _RESET_SOCKET or (sock is not None and sock.fileno() < 0):
+                self.sock = None  # closed under us: open a fresh one next time
+            return False
+
+    def _probe(self, data: bytes) -> None:
+        """Send the in-flight report; while nobody listens it is also the probe.
+
+        A refusal reports on an earlier datagram, so a probe that was sent and not
+        refused one report later means someone is listening again."""
+        if self.listening:
+            self._send(data)
+            return
+        if self._send(data):
+            if self.probed:
+                self.listening = True
+            self.probed = True
+        else:
+            self.probed = self._send(data)  # the refusal was for the last probe: resend
+
+    def stats(self) -> Dict[str, int]:
+        """Counters: datagrams sent, requests reported / not encoded (nobody listening) /
+        dropped (queue full), send errors, queue sizes."""
+        return {"sent": self.sent, "reported": self.reported, "unheard": self.unheard,
+                "listening": int(self.listening), "dropped": self.dropped,
+                "send_errors": self.send_errors, "queued": len(self.started),
+                "inflight": len(self.flights), "pid": self.encoder.pid}
+
+    def close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def _live_route(environ: Any) -> Tuple[str, str]:
+    """Route and endpoint of a request still running: PENDING until Flask matched it."""
+    route = environ.get("flasktop.route")
+    if route is not None:
+        return route, environ.get("flasktop.endpoint") or ""
+    req = environ.get("werkzeug.request")
+    rule = getattr(req, "url_rule", None)
+    if rule is not None:
+        return rule.rule, rule.endpoint or ""
+    if getattr(req, "routing_exception", None) is not None:
+        return protocol.UNMATCHED, ""
+    return protocol.PENDING, ""
+
+
+def _size(content_length: Any, counted: int) -> int:
+    if content_length is not None:
+        try:
+            return int(content_length)
+        except (TypeError, ValueError):
+            pass
+    return counted
+
+
+def _status(status: Any) -> int:
+    try:
+        code = int(status[:3])
+    except Exception:  # noqa: BLE001 - None (never started) or garbage
+        return 0
+    return code if 0 <= code <= 999 else 0
+
+
+_reporters: Dict[Tuple[Any, ...], Reporter] = {}
+_registry_lock = threading.Lock()
+
+
+def reporter_for(address: str) -> Optional[Reporter]:
+    """The process's reporter for ``address``; None when it is off or unusable."""
+    target = resolve(address)
+    if target is None:
+        return None
+    key = (target[0],) + tuple(target[1])
+    with _registry_lock:
+        rep = _reporters.get(key)
+        if rep is None:
+            rep = _reporters[key] = Reporter(target)
+        return rep
+
+
+def find_record(environ: Any) -> Optional[list]:
+    """The running record of ``environ`` in any reporter (exception path only)."""
+    for rep in list(_reporters.values()):
+        rec = rep.find(environ)
+        if rec is not None:
+            return rec
+    return None
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for rep in list(_reporters.values()):
+        try:
+            rep.close_socket()
+            rep._reset()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _at_exit() -> None:
+    pid = os.getpid()
+    for rep in list(_reporters.values()):
+        try:
+            if rep.encoder.pid == pid and (rep.started or rep.flights):
+                rep.flush(timeout=0.2)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)
