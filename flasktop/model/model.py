@@ -25,10 +25,10 @@ from flasktop.model.snapshot import (
     WorkerView,
 )
 from flasktop.model.workers import (
-    MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut,
+    MATCH_S, MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut, running_at,
 )
 from flasktop.protocol import (
-    KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, Request,
+    KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request,
 )
 
 T = TypeVar("T")
@@ -121,15 +121,16 @@ class Model:
                 return
             w.inflight_t = dg.t
             last_done = w.last_done
-            fresh = {}
+            fresh: Dict[int, List[InFlight]] = {}
+            n = 0
             for f in dg.inflight:
-                if not -1e11 < f.start < 1e11:
+                if not -1e11 < f.start < 1e11 or n >= MAX_TIDS:
                     continue
                 done = last_done.get(f.tid)
-                if done is not None and done[1] > f.start + 0.002:
+                if done is not None and abs(done[0] - f.start) <= MATCH_S:
                     continue  # it completed after this report was sent
-                if len(fresh) < MAX_TIDS:
-                    fresh[f.tid] = f
+                fresh.setdefault(f.tid, []).append(f)
+                n += 1
             w.inflight = fresh
             if dg.dropped > w.dropped:
                 self._app_dropped += dg.dropped - w.dropped
@@ -191,13 +192,19 @@ class Model:
             folded += 1
             begin = end - d
             if inflight:
-                f = inflight.get(tid)
-                if f is not None and begin >= f.start - 0.005:
-                    del inflight[tid]
-                    if r.route in UNNAMED and f.route not in UNNAMED:
-                        # It was matched while running (the in-flight report says so) and
-                        # lost its rule on the way out, e.g. unwound by gunicorn's SIGABRT.
-                        r = r._replace(route=f.route, method=f.method)
+                flights = inflight.get(tid)
+                if flights:
+                    f = flights[0] if len(flights) == 1 else \
+                        min(flights, key=lambda x: abs(x.start - begin))
+                    if abs(f.start - begin) <= MATCH_S:
+                        if len(flights) == 1:
+                            del inflight[tid]
+                        else:
+                            flights.remove(f)
+                        if r.route in UNNAMED and f.route not in UNNAMED:
+                            # It was matched while running (the in-flight report says so) and
+                            # lost its rule on the way out, e.g. unwound by gunicorn's SIGABRT.
+                            r = r._replace(route=f.route, method=f.method)
             rs = routes.get((r.route, r.method))
             if rs is None:
                 rs = route_of((r.route, r.method))
@@ -297,7 +304,7 @@ class Model:
 
     def _pend(self, w: WorkerState, tid: int, t: float, frames: Tuple[str, ...], cut: int) -> None:
         """Queue one sampled thread for joining with the request it was serving."""
-        f = w.inflight.get(tid)
+        f = running_at(w.inflight.get(tid), t)
         done = w.last_done.get(tid)
         if cut < 0 and f is None and done is None:
             return
@@ -306,7 +313,7 @@ class Model:
             self._attribute(Pending(t, own, None), done[2])  # type: ignore[arg-type]
             return
         route = None
-        if f is not None and f.start <= t and f.route != PENDING:
+        if f is not None and f.route != PENDING:
             route = self._route((f.route, f.method))
         p = Pending(t, own, route)
         lst = w.pending.get(tid)
@@ -336,8 +343,8 @@ class Model:
                         lst.remove(p)
                     if not lst:
                         del w.pending[tid]
-                f = w.inflight.get(tid)
-                if f is not None and f.start <= p.t and f.route != PENDING:
+                f = running_at(w.inflight.get(tid), p.t)
+                if f is not None and f.route != PENDING:
                     rs = self._route((f.route, f.method))
             if not p.done and rs is not None:
                 p.done = True
@@ -526,7 +533,7 @@ class Model:
     def _inflight_views(self, w: WorkerState, now: float) -> List[InFlightView]:
         if w.inflight:
             views = [InFlightView(f.route, f.method, f.tid, f.start, max(0.0, now - f.start))
-                     for f in w.inflight.values()]
+                     for flights in w.inflight.values() for f in flights]
         elif w.beacon_t is None and w.sample_t is not None \
                 and now - w.sample_t <= self.cfg.thread_stale_s:
             views = [InFlightView(NO_ROUTE, "", th.tid, th.since, max(0.0, th.t - th.since),

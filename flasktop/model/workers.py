@@ -64,7 +64,9 @@ class WorkerState:
         self.rss = Series(series_points)  # bytes
         self.fds = Series(series_points)
         self.conns = Series(series_points)
-        self.inflight: Dict[int, InFlight] = {}
+        # tid -> requests running on that thread: one for sync and gthread workers, any number
+        # for gevent/eventlet, whose greenlets share the OS thread.
+        self.inflight: Dict[int, List[InFlight]] = {}
         self.inflight_t = 0.0  # beacon time of the in-flight report in use
         self.beacon_t: Optional[float] = None  # when we last heard from its beacon
         self.dropped = 0
@@ -92,6 +94,19 @@ class WorkerState:
             if t.name == "MainThread":
                 return t
         return next(iter(self.threads.values()), None)
+
+
+MATCH_S = 0.01  # the same request's start, from an in-flight report and from its completion
+
+
+def running_at(flights: Optional[List[InFlight]], t: float) -> Optional[InFlight]:
+    """The request on one thread that was running at ``t``: the latest one begun by then."""
+    best = None
+    if flights:
+        for f in flights:
+            if f.start <= t and (best is None or f.start > best.start):
+                best = f
+    return best
 
 
 def request_cut(names: Tuple[str, ...], request_functions: frozenset) -> int:

@@ -144,3 +144,18 @@ def test_heartbeat_far_past_the_timeout_without_beacon_is_stuck() -> None:
     assert w.state == STUCK and w.stuck_for_s == 25.0
     m.feed(tick(T0 + 2, [proc(7, T0 + 2, heartbeat_age_s=1.0)]), T0 + 2)
     assert worker(m, 7, T0 + 2).state != STUCK
+
+
+def test_gevent_greenlets_share_a_thread_and_the_oldest_request_still_counts() -> None:
+    m = attached(config=gconf(worker_class="gevent"))
+    m.feed(flying(7, T0 + 20, [("/export", 7, T0 + 1), ("/a", 7, T0 + 19.5), ("/b", 7, T0 + 19.8)]),
+           T0 + 20)
+    w = worker(m, 7, T0 + 20)
+    assert [v.route for v in w.in_flight_all] == ["/export", "/a", "/b"]
+    # /a and /b complete; a completion only ends the request it belongs to
+    m.feed(done(7, T0 + 20.5, [req("/a", 0.8, T0 + 20.3, tid=7), req("/b", 0.6, T0 + 20.4, tid=7)]),
+           T0 + 20.5)
+    w = worker(m, 7, T0 + 21)
+    assert [v.route for v in w.in_flight_all] == ["/export"]
+    assert w.state == STUCK and w.in_flight.elapsed_s == 20.0
+    assert m.snapshot(T0 + 21).utilization is None  # async workers have no fixed capacity
