@@ -148,7 +148,11 @@ class _Response:
 def _unmatched(rec: list) -> None:
     """No Flask rule: a non-Flask app may name its route in environ["flasktop.route"]."""
     try:
-        rec[8] = rec[1].get("flasktop.route")
+        environ = rec[1]
+        route = environ.get("flasktop.route")
+        if route is not None:
+            endpoint = environ.get("flasktop.endpoint")
+            rec[8] = (route, endpoint) if endpoint else route
     except Exception:  # noqa: BLE001
         pass
 

@@ -153,20 +153,29 @@ class Reporter:
                 wake.wait(FLUSH_INTERVAL)
                 self.woken = False
                 wake.clear()
-                self.flush()
+                if not self.flush():
+                    time.sleep(FLUSH_INTERVAL)
             except Exception:  # noqa: BLE001
                 _log_failure_once("flushing")
                 time.sleep(FLUSH_INTERVAL)
 
     def flush(self, timeout: float = -1) -> bool:
-        """Send the requests that ended, and the in-flight report when it is due."""
-        if not self.lock.acquire(timeout=timeout):
+        """Send the requests that ended, and the in-flight report when it is due.
+
+        False when the lock was not had within ``timeout`` or the flush failed. Never raises."""
+        try:
+            if not self.lock.acquire(timeout=timeout):
+                return False
+        except Exception:  # noqa: BLE001
             return False
         try:
             self._flush()
+            return True
+        except Exception:  # noqa: BLE001 - a flusher bug must not reach the app
+            _log_failure_once("flushing")
+            return False
         finally:
             self.lock.release()
-        return True
 
     def _flush(self) -> None:
         started = self.started
@@ -215,16 +224,18 @@ class Reporter:
         return label
 
     def _rule(self, rule: Any) -> Tuple[Any, Label, Label]:
-        """Cache and return (rule, route label, endpoint label); keyed by id, holding the rule."""
+        """(rule, route label, endpoint label); Flask rules are cached by id (holding them)."""
         if rule is None:
-            route, endpoint = self._label(protocol.UNMATCHED), self._label("")
-        elif type(rule) is str:
-            route, endpoint = self._label(rule), self._label("")
+            hit = (None, self._label(protocol.UNMATCHED), self._label(""))
+        elif type(rule) is str:  # a non-Flask app's environ["flasktop.route"]
+            return rule, self._label(rule), self._label("")
+        elif type(rule) is tuple:  # ... with environ["flasktop.endpoint"]
+            return rule, self._label(rule[0]), self._label(rule[1])
         else:
-            route, endpoint = self._label(rule.rule), self._label(rule.endpoint or "")
+            hit = (rule, self._label(rule.rule), self._label(rule.endpoint or ""))
         if len(self.rules) >= CACHE_CAP:
             self.rules.clear()
-        hit = self.rules[id(rule)] = (rule, route, endpoint)
+        self.rules[id(rule)] = hit
         return hit
 
     def _code(self, status: Any) -> int:

@@ -1,0 +1,598 @@
+"""The beacon in-process: a real Flask app called as WSGI, real UDP on 127.0.0.1.
+
+Gunicorn (sync, gthread, gevent, --preload, the config hook) is in test_beacon_gunicorn.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+from flask import Flask
+from werkzeug.test import EnvironBuilder
+
+from flasktop import protocol
+from flasktop.beacon import DEFAULT_ADDRESS, DEFAULT_PORT, Beacon, BeaconMiddleware, instrument
+from flasktop.beacon import _address, _reporter
+from tests.fixtures.beacon_receiver import Receiver
+from tests.support import FIXTURES, free_port, wait_until
+
+sys.path.insert(0, str(FIXTURES))
+from beacon_plain import create_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def call(app: Any, path: str = "/", method: str = "GET", query: str = "",
+         data: bytes = b"", extra: Optional[Dict[str, Any]] = None) -> Tuple[str, list, bytes]:
+    """One request through ``app`` as a WSGI server would: iterate, then close."""
+    environ = EnvironBuilder(path=path, method=method, query_string=query, data=data).get_environ()
+    environ.update(extra or {})
+    seen: Dict[str, Any] = {}
+
+    def start_response(status: str, headers: list, exc_info: Any = None) -> None:
+        seen["status"], seen["headers"] = status, headers
+
+    it = app(environ, start_response)
+    try:
+        body = b"".join(it)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return seen.get("status", ""), seen.get("headers", []), body
+
+
+def free_udp_port() -> int:
+    return free_port(socket.SOCK_DGRAM)
+
+
+@pytest.fixture
+def rx() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture(autouse=True)
+def _no_env_beacon(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLASKTOP_BEACON", raising=False)
+
+
+def beacon_app(address: str) -> Tuple[Flask, Beacon]:
+    app = create_app()
+    return app, Beacon(app, address=address)
+
+
+# ---------------------------------------------------------------------------
+# What a request reports
+
+
+def test_flask_request_reports_template_endpoint_status_size_and_thread(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    status, headers, body = call(app, "/orders/12", query="secret=1")
+    assert status.startswith("200")
+    [(pid, req)] = rx.wait_requests("/orders/<int:oid>", 1)
+    assert (pid, req.endpoint, req.method, req.status, req.exc) == (os.getpid(), "order", "GET", 200, "")
+    assert req.size == len(body) == int(dict(headers)["Content-Length"])
+    assert req.tid == threading.get_native_id()
+    assert 0 <= req.duration_s < 5 and abs(req.end - time.time()) < 5
+    assert beacon.enabled and isinstance(app.wsgi_app, BeaconMiddleware)
+
+
+def test_app_factory_init_app_reads_the_app_config(rx: Receiver) -> None:
+    beacon = Beacon()
+    app = create_app()
+    app.config["FLASKTOP_BEACON"] = rx.address
+    beacon.init_app(app)
+    call(app, "/")
+    [(_, req)] = rx.wait_requests("/", 1)
+    assert (req.endpoint, req.status) == ("index", 200)
+    assert app.extensions["flasktop_beacon"] is beacon
+    Beacon(app)  # a second beacon does not wrap twice
+    assert not isinstance(app.wsgi_app.wsgi_app, BeaconMiddleware)
+
+
+def test_any_wsgi_app_with_the_middleware_and_its_route_hook(rx: Receiver) -> None:
+    def plain(environ: dict, start_response: Any) -> List[bytes]:
+        if environ["PATH_INFO"].startswith("/named/"):
+            environ["flasktop.route"] = "/named/<id>"
+            environ["flasktop.endpoint"] = "named"
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"made", b" it"]
+
+    app = BeaconMiddleware(plain, address=rx.address)
+    assert call(app, "/named/42")[2] == b"made it"
+    call(app, "/other/7")
+    [(_, named)] = rx.wait_requests("/named/<id>", 1)
+    [(_, other)] = rx.wait_requests(protocol.UNMATCHED, 1)
+    assert (named.endpoint, named.status, named.size) == ("named", 201, 7)
+    assert other.status == 201 and "other" not in repr(rx.raw)
+
+
+def test_404_405_and_redirect_never_reveal_path_or_query(rx: Receiver) -> None:
+    app, _ = beacon_app(rx.address)
+    assert call(app, "/no-such-place-81413", query="token=hunter2")[0].startswith("404")
+    assert call(app, "/orders/5", method="DELETE")[0].startswith("405")
+    call(app, "/orders/not-a-number-55109")
+    got = rx.wait_requests(protocol.UNMATCHED, 3)
+    assert sorted(r.status for _, r in got) == [404, 404, 405]
+    wait_until(lambda: any(d.kind == "f" for d in rx.datagrams()), message="an in-flight report")
+    raw = b"".join(rx.raw)
+    for secret in (b"no-such-place", b"81413", b"hunter2", b"token", b"not-a-number", b"55109"):
+        assert secret not in raw
+
+
+def test_exception_type_on_500_and_when_it_propagates(rx: Receiver) -> None:
+    app, _ = beacon_app(rx.address)
+    logging.getLogger(app.name).disabled = True
+    assert call(app, "/boom")[0].startswith("500")
+    [(_, handled)] = rx.wait_requests("/boom", 1)
+    assert (handled.status, handled.exc, handled.endpoint) == (500, "PaymentDeclined", "boom")
+    assert call(app, "/teapot")[0].startswith("418")
+    [(_, teapot)] = rx.wait_requests("/teapot", 1)
+    assert (teapot.status, teapot.exc) == (418, "")  # an HTTP error is not an exception
+
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(Exception) as raised:
+        call(app, "/boom")
+    assert type(raised.value).__name__ == "PaymentDeclined"
+    got = rx.wait_requests("/boom", 2)
+    escaped = [r for _, r in got if r.status == 0]
+    assert len(escaped) == 1 and escaped[0].exc == "PaymentDeclined" and escaped[0].size == -1
+
+
+def test_streaming_duration_counts_until_close_and_size_is_bytes_sent(rx: Receiver) -> None:
+    app, _ = beacon_app(rx.address)
+    environ = EnvironBuilder(path="/stream/2").get_environ()
+    it = app(environ, lambda status, headers, exc_info=None: None)
+    body = b"".join(it)  # the generator sleeps 0.1 s per chunk
+    held = 0.3
+    time.sleep(held)  # the server is still busy with the response: the request is not over
+    t_close = time.time()
+    it.close()
+    [(_, req)] = rx.wait_requests("/stream/<int:chunks>", 1)
+    assert req.duration_s >= 0.2 + held
+    assert req.size == len(body) == len(b"chunk 0\nchunk 1\n")
+    assert abs(req.end - t_close) < 0.05
+
+
+def test_async_view(rx: Receiver) -> None:
+    pytest.importorskip("asgiref", reason="Flask async views need flask[async] (asgiref)")
+    app, _ = beacon_app(rx.address)
+    assert call(app, "/async/3")[2] == b"async 3\n"
+    [(_, req)] = rx.wait_requests("/async/<int:n>", 1)
+    assert (req.status, req.endpoint, req.tid) == (200, "async_view", threading.get_native_id())
+
+
+def test_file_wrapper_is_kept_for_sendfile_and_its_close_ends_the_request(rx: Receiver, tmp_path: Path) -> None:
+    from flask import send_file
+
+    class FileWrapper:  # what a server puts in environ["wsgi.file_wrapper"]
+        def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+            self.filelike = filelike
+            self.close = filelike.close
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter(lambda: self.filelike.read(8192), b"")
+
+    (tmp_path / "data.bin").write_bytes(b"x" * 10000)
+    app = Flask("files")
+
+    @app.route("/files/<name>")
+    def files(name: str) -> Any:
+        return send_file(tmp_path / name)
+
+    Beacon(app, address=rx.address)
+    environ = EnvironBuilder(path="/files/data.bin").get_environ()
+    environ["wsgi.file_wrapper"] = FileWrapper
+    it = app(environ, lambda status, headers, exc_info=None: None)
+    assert isinstance(it, FileWrapper)  # the server can still sendfile() it
+    assert b"".join(it) == b"x" * 10000
+    it.close()
+    [(_, req)] = rx.wait_requests("/files/<name>", 1)
+    assert (req.status, req.size) == (200, 10000)
+
+
+# ---------------------------------------------------------------------------
+# In flight
+
+
+def test_a_request_running_before_anyone_listens_is_reported_in_flight_with_its_true_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_udp_port()
+    monkeypatch.setenv("BEACON_HOLD_DIR", str(tmp_path))
+    app, _ = beacon_app(f"127.0.0.1:{port}")
+    call(app, "/")  # the flusher runs, finds nobody listening
+    t_start = time.time()
+    worker = threading.Thread(target=call, args=(app, "/hold/late-listener"), daemon=True)
+    worker.start()
+    try:
+        with Receiver(port) as rx:
+            def held(r: Receiver) -> list:
+                return [f for _, f in r.inflight() if f.route == "/hold/<token>"]
+            [flight] = rx.wait(held, timeout=5, message="the held request in an in-flight report")[:1]
+            assert flight.endpoint == "hold" and flight.method == "GET"
+            assert abs(flight.start - t_start) < 0.5
+            assert flight.tid == worker.native_id
+    finally:
+        (tmp_path / "late-listener").touch()
+        worker.join(timeout=15)
+    assert not worker.is_alive()
+
+
+def test_in_flight_reports_keep_coming_as_a_heartbeat_even_when_empty(rx: Receiver) -> None:
+    app, _ = beacon_app(rx.address)
+    call(app, "/")
+    rx.wait(lambda r: len([d for d in r.datagrams() if d.kind == "f"]) >= 2, timeout=5,
+            message="two in-flight reports")
+    reports = [d for d in rx.datagrams() if d.kind == "f"]
+    assert reports[-1].inflight == () and reports[-1].inflight_total == 0
+    assert reports[-1].dropped == 0 and reports[-1].pid == os.getpid()
+
+
+# ---------------------------------------------------------------------------
+# Where it sends
+
+
+def test_precedence_explicit_then_config_then_env_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    with Receiver() as arg, Receiver() as conf, Receiver() as env:
+        monkeypatch.setenv("FLASKTOP_BEACON", env.address)
+        for expect, address, config in ((arg, arg.address, conf.address),
+                                        (conf, None, conf.address),
+                                        (env, None, None)):
+            app = create_app()
+            if config:
+                app.config["FLASKTOP_BEACON"] = config
+            Beacon(app, address=address)
+            call(app, "/orders/1")
+            expect.wait_requests("/orders/<int:oid>", 1)
+        for r in (arg, conf, env):
+            assert len(r.requests("/orders/<int:oid>")) == 1
+    monkeypatch.delenv("FLASKTOP_BEACON")
+    assert _address.choose(None, {}) == DEFAULT_ADDRESS == f"127.0.0.1:{DEFAULT_PORT}"
+    assert _address.choose(("127.0.0.1", 5), {"FLASKTOP_BEACON": "x:1"}) == "127.0.0.1:5"
+    assert _address.choose(None, {"FLASKTOP_BEACON": False}) == "off"
+
+
+@pytest.mark.parametrize("where", ["env", "config", "argument"])
+def test_off_does_not_wrap_and_sends_nothing(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app()
+    original = app.wsgi_app
+    if where == "env":
+        monkeypatch.setenv("FLASKTOP_BEACON", "off")
+    elif where == "config":
+        app.config["FLASKTOP_BEACON"] = "OFF"
+    beacon = Beacon(app, address="off" if where == "argument" else None)
+    assert app.wsgi_app == original and not beacon.enabled
+    assert call(app, "/orders/3")[0].startswith("200")
+    middleware = BeaconMiddleware(original, address="off" if where != "config" else None,
+                                  config=app.config)
+    assert middleware.reporter is None and call(middleware, "/")[2] == b"hello\n"
+    assert instrument(original, address="off") is original
+
+
+def test_localhost_is_resolved_once_preferring_ipv4_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with Receiver() as rx:  # bound on 127.0.0.1 only: an IPv6 sender would never reach it
+        text = f"localhost:{rx.port}"
+        with caplog.at_level(logging.INFO, logger="flasktop.beacon"):
+            app, beacon = beacon_app(text)
+            Beacon(create_app(), address=text)
+        assert beacon.middleware is not None
+        assert beacon.middleware.reporter.sockaddr == ("127.0.0.1", rx.port)
+        lines = [r.getMessage() for r in caplog.records if r.name == "flasktop.beacon"]
+        assert len([m for m in lines if "127.0.0.1" in m]) == 1
+        call(app, "/")
+        rx.wait_requests("/", 1)
+
+
+@pytest.mark.parametrize("address", ["no-such-host.invalid:9711", "nonsense", "127.0.0.1:99999",
+                                     "::1:9711", "[::1]9711", ":"])
+def test_a_bad_address_disables_the_beacon_with_one_log_line(address: str, caplog: pytest.LogCaptureFixture) -> None:
+    _address.forget()
+    with caplog.at_level(logging.INFO, logger="flasktop.beacon"):
+        app, beacon = beacon_app(address)
+        Beacon(create_app(), address=address)
+    assert not beacon.enabled
+    assert call(app, "/")[2] == b"hello\n"
+    lines = [r for r in caplog.records if r.name == "flasktop.beacon"]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "\n" not in lines[0].getMessage() and lines[0].exc_info is None
+
+
+def test_an_ipv6_address_sends_over_ipv6() -> None:
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with sock:
+        sock.settimeout(5)
+        app, _ = beacon_app(f"[::1]:{sock.getsockname()[1]}")
+        call(app, "/orders/9")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            d = protocol.decode(sock.recv(65536))
+            if isinstance(d, protocol.Datagram) and d.requests:
+                assert d.requests[0].route == "/orders/<int:oid>"
+                return
+        raise AssertionError("no requests datagram over IPv6")
+
+
+# ---------------------------------------------------------------------------
+# Never disturbs the app
+
+
+def _responses(app: Any) -> List[Tuple[str, list, bytes]]:
+    logging.getLogger("beacon_fixture").disabled = True
+    out = []
+    for path, method, query, data in (("/", "GET", "", b""), ("/orders/41", "GET", "a=1", b""),
+                                      ("/nope", "GET", "", b""), ("/boom", "GET", "", b""),
+                                      ("/echo", "POST", "q=2", b"\x00\xffbody"),
+                                      ("/orders/2", "HEAD", "", b""), ("/stream/1", "GET", "", b""),
+                                      ("/fork", "GET", "", b"")):
+        out.append(call(app, path, method=method, query=query, data=data))
+    return out
+
+
+@pytest.mark.parametrize("trouble", ["no listener", "full receive buffer", "receiver closed",
+                                     "beacon socket closed"])
+def test_the_app_answers_byte_for_byte_the_same_whatever_happens_to_the_udp(trouble: str) -> None:
+    expected = _responses(create_app())
+    port = free_udp_port()
+    held: Optional[socket.socket] = None
+    if trouble == "full receive buffer":  # bound, tiny buffer, never read
+        held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        held.bind(("127.0.0.1", port))
+    elif trouble == "receiver closed":
+        rx = Receiver(port)
+        rx.close()
+    try:
+        app, beacon = beacon_app(f"127.0.0.1:{port}")
+        for _ in range(2):
+            assert _responses(app) == expected
+            beacon.flush()
+            if trouble == "beacon socket closed":
+                reporter = beacon.middleware.reporter
+                if reporter.sock is not None:
+                    reporter.sock.close()
+        stats = beacon.stats()
+        assert stats["reported"] + stats["unheard"] >= 2 * len(expected)
+        if trouble == "full receive buffer":
+            assert stats["sent"] > 0 and stats["listening"] == 1
+        if trouble in ("no listener", "receiver closed"):
+            wait_until(lambda: beacon.flush() and beacon.stats()["listening"] == 0,
+                       message="the beacon to notice nobody listens")
+    finally:
+        if held is not None:
+            held.close()
+
+
+def test_a_broken_beacon_degrades_to_pass_through(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    expected = _responses(create_app())
+    reporter = beacon.middleware.reporter
+    started, reporter.started = reporter.started, None  # type: ignore[assignment]
+    try:
+        assert _responses(app) == expected
+        assert _responses(app) == expected
+    finally:
+        reporter.started = started
+
+
+def test_flusher_failures_are_logged_once_and_never_reach_the_app(rx: Receiver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, beacon = beacon_app(rx.address)
+    reporter = beacon.middleware.reporter
+
+    class Exploding(dict):
+        def get(self, *a: Any) -> Any:
+            raise RuntimeError("boom inside the flusher")
+
+    monkeypatch.setattr(_reporter, "_first_failure_logged", False)
+    with caplog.at_level(logging.WARNING, logger="flasktop.beacon"):
+        with reporter.lock:
+            reporter.codes = Exploding()
+        for _ in range(3):
+            assert call(app, "/orders/1")[0].startswith("200")
+            assert beacon.flush() is False
+        with reporter.lock:
+            reporter.codes = {}
+        call(app, "/orders/2")
+        rx.wait_requests("/orders/<int:oid>", 1)
+    logged = [r for r in caplog.records if r.name == "flasktop.beacon"]
+    assert len(logged) == 1 and "flushing failed" in logged[0].getMessage()
+
+
+def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    reporter = beacon.middleware.reporter
+    with reporter.lock:  # the flusher is stuck: nothing leaves the queue
+        call(app, "/")
+        extra = 25
+        for _ in range(_reporter.QUEUE_CAP + extra - 1):
+            call(app, "/")
+        assert len(reporter.started) == _reporter.QUEUE_CAP
+        assert reporter.dropped == extra
+    rx.wait(lambda r: any(d.kind == "f" and d.dropped == extra for d in r.datagrams()),
+            message="an in-flight report with the drop count")
+    rx.wait_requests("/", _reporter.QUEUE_CAP, timeout=20)
+    assert len(rx.requests("/")) == _reporter.QUEUE_CAP
+
+
+def test_a_forked_child_reports_as_itself(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    call(app, "/orders/1")
+    rx.wait_requests("/orders/<int:oid>", 1)
+    pid = os.fork()
+    if pid == 0:  # the child: one request, flushed, gone; it never returns into pytest
+        try:
+            call(app, "/orders/2")
+            beacon.flush()
+        finally:
+            os._exit(0)
+    try:
+        got = rx.wait_requests("/orders/<int:oid>", 2)
+        assert sorted(p for p, _ in got) == sorted([os.getpid(), pid])
+    finally:
+        os.waitpid(pid, 0)
+    call(app, "/orders/3")  # the parent's flusher is untouched
+    assert [p for p, _ in rx.wait_requests("/orders/<int:oid>", 3)].count(os.getpid()) == 2
+
+
+def test_nobody_listening_stops_encoding_and_a_listener_is_heard_again() -> None:
+    port = free_udp_port()
+    app, beacon = beacon_app(f"127.0.0.1:{port}")
+    call(app, "/")
+    wait_until(lambda: beacon.flush() and beacon.stats()["listening"] == 0, timeout=5,
+               message="the kernel to refuse a datagram")
+    call(app, "/")
+    beacon.flush()
+    assert beacon.stats()["unheard"] >= 1
+    with Receiver(port) as rx:
+        def heard(r: Receiver) -> bool:
+            call(app, "/orders/8")
+            return bool(r.requests("/orders/<int:oid>"))
+        rx.wait(heard, timeout=6, message="the beacon to resume after a listener binds")
+    assert beacon.stats()["listening"] == 1
+
+
+# ---------------------------------------------------------------------------
+# The wire: what the flusher encodes is what protocol.Encoder would say
+
+
+def test_labels_are_clipped_and_encoded_like_protocol_encoder(rx: Receiver) -> None:
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    app = create_app()
+    beacon = Beacon(app, address=rx.address)
+    reporter = beacon.middleware.reporter
+    labels = st.one_of(st.sampled_from(["/", "/a/<int:x>", "", "é/ü", "\x00\n\t\"\\"]),
+                       st.text(max_size=300))
+    row = st.tuples(labels, labels, st.sampled_from(["GET", "POST", "BREW"]),
+                    st.integers(0, 999), st.integers(0, 10**9), st.integers(-1, 2**40),
+                    st.sampled_from(["", "ValueError", "E" * 300]), st.integers(1, 2**32 - 1))
+    sent: List[List[tuple]] = []
+
+    @hypothesis.settings(max_examples=40, deadline=None, database=None)
+    @hypothesis.given(st.lists(row, min_size=1, max_size=60))
+    def check(rows: List[tuple]) -> None:
+        now = time.perf_counter()
+        recs = []
+        for route, endpoint, method, status, dur, size, exc, tid in rows:
+            rule = type("Rule", (), {"rule": route, "endpoint": endpoint})()
+            recs.append([now - dur / 1e6, None, f"{status:03d} X", None if size < 0 else str(size),
+                         tid, -1, exc, now, rule, method])
+        reporter._send_requests(recs)
+        sent.append(rows)
+
+    check()
+    expected = []
+    for rows in sent:
+        for route, endpoint, method, status, dur, size, exc, tid in rows:
+            expected.append((protocol.clip(route), protocol.clip(endpoint),
+                             method if method != "BREW" else "OTHER", status, size,
+                             protocol.clip(exc), tid, dur))
+    rx.wait(lambda r: sum(len(d.requests) for d in r.datagrams()) >= len(expected), timeout=10,
+            message="every encoded request")
+    assert rx.rejects() == []
+    assert max(len(d) for d in rx.raw) <= protocol.MAX_DATAGRAM
+    got = [(r.route, r.endpoint, r.method, r.status, r.size, r.exc, r.tid, r.duration_s)
+           for d in rx.datagrams() for r in d.requests]
+    assert len(got) == len(expected)
+    # durations went through float microseconds; compare them to the microsecond
+    key = lambda t: t[:7]  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, expected))
+    by_key: Dict[tuple, List[float]] = {}
+    for t in got:
+        by_key.setdefault(key(t), []).append(t[7])
+    for t in expected:
+        assert any(abs(d * 1e6 - t[7]) <= 1.5 for d in by_key[key(t)])
+    # the same rows through protocol.Encoder decode to the same requests
+    enc = protocol.Encoder(os.getpid())
+    reference = [(r.route, r.endpoint, r.method, r.status, r.size, r.exc, r.tid)
+                 for rows in sent for data in enc.requests(int(time.time() * 1000), [
+                     [protocol.clip(a), protocol.clip(b), m if m != "BREW" else "OTHER", s, d, z,
+                      protocol.clip(x), t, 0] for a, b, m, s, d, z, x, t in rows])
+                 for r in protocol.decode(data).requests]
+    assert sorted(reference) == sorted(map(key, got))
+
+
+# ---------------------------------------------------------------------------
+# Standard library only, and flushed at exit
+
+
+BLOCKER = r"""
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("textual", "psutil", "rich"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def test_the_beacon_imports_only_the_standard_library_and_flushes_at_exit(rx: Receiver) -> None:
+    script = BLOCKER + r"""
+import json, os, sys
+import flasktop.beacon
+from flasktop.beacon import BeaconMiddleware
+from flask import Flask
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("textual", "psutil", "rich"))
+app = Flask("stdlib_only")
+@app.route("/items/<int:i>")
+def item(i):
+    return {"i": i}
+app.wsgi_app = BeaconMiddleware(app.wsgi_app, address=sys.argv[1])
+bodies = []
+for i in range(3):
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/items/{i}", "SERVER_NAME": "x",
+           "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": __import__("io").BytesIO()}
+    it = app(env, lambda s, h, e=None: None)
+    bodies.append(b"".join(it).decode())
+    it.close()
+print(json.dumps({"loaded": loaded, "bodies": bodies}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script, rx.address], env=env, cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["loaded"] == [] and len(doc["bodies"]) == 3
+    got = rx.wait_requests("/items/<int:i>", 3)  # the process exited at once: atexit flushed
+    assert {r.status for _, r in got} == {200}
+
+
+def test_the_flusher_is_a_daemon_and_never_keeps_the_process_alive(rx: Receiver) -> None:
+    script = r"""
+import sys
+from flasktop.beacon import BeaconMiddleware
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+mw = BeaconMiddleware(app, address=sys.argv[1])
+it = mw({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h, e=None: None)
+list(it); it.close()
+import threading
+print(sorted(t.name for t in threading.enumerate() if t.daemon))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script, rx.address], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "flasktop-beacon" in out
+    rx.wait_requests(protocol.UNMATCHED, 1)
