@@ -489,9 +489,11 @@ def test_labels_are_clipped_and_encoded_like_protocol_encoder(rx: Receiver) -> N
         recs = []
         for route, endpoint, method, status, dur, size, exc, tid in rows:
             rule = type("Rule", (), {"rule": route, "endpoint": endpoint})()
+            # the record layout of flasktop.beacon._reporter (T0 ... METHOD)
             recs.append([now - dur / 1e6, None, f"{status:03d} X", None if size < 0 else str(size),
-                         tid, -1, exc, now, rule, method])
-        reporter._send_requests(recs)
+                         tid, exc, now, rule, method])
+        with reporter.lock:
+            reporter._send_requests(recs)
         sent.append(rows)
 
     check()

@@ -1,8 +1,9 @@
 """The WSGI middleware: the only beacon code that runs on the request path.
 
 Per request it reads the clock twice, builds one small list, keeps references in it
-(status string, headers list, matched rule) and appends it to a deque. No formatting,
-no parsing, no I/O, no lock: the flusher thread in ``_reporter`` does all of that.
+(status string, Content-Length value, matched rule) and appends it to a deque. No
+formatting, no I/O, no lock: the flusher thread in ``_reporter`` does all of that.
+Indexes into the record are literals here for speed; their names are in ``_reporter``.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class BeaconMiddleware:
                 tid = _tls.tid
             except AttributeError:
                 tid = _tls.tid = get_native_id()
-            # T0, ENVIRON, STATUS, CONTENT_LENGTH, TID, NBYTES, EXC, T1, RULE, METHOD
-            rec = [perf_counter(), environ, None, None, tid, -1, "", 0.0, None,
+            # T0, ENVIRON, STATUS, SIZE, TID, EXC, T1, RULE, METHOD
+            rec = [perf_counter(), environ, None, None, tid, "", 0.0, None,
                    environ.get("REQUEST_METHOD")]
             started = reporter.started
             n = len(started)
@@ -86,7 +87,7 @@ class BeaconMiddleware:
         try:
             it = self.wsgi_app(environ, resp.start_response)
         except BaseException as e:
-            rec[6] = type(e).__name__
+            rec[5] = type(e).__name__
             _end(rec)
             raise
         file_wrapper = environ.get("wsgi.file_wrapper")
@@ -109,11 +110,19 @@ class _Response:
         rec = self._rec
         try:
             rec[2] = status
-            if type(headers) is list:
-                rec[3] = dict(headers).get("Content-Length")  # not the list: hold little
+            if type(headers) is list and headers:
+                # Keep the Content-Length value, not the list. Werkzeug puts it last.
+                name, value = headers[-1]
+                if name == "Content-Length":
+                    rec[3] = value
+                else:
+                    for name, value in headers:
+                        if name == "Content-Length":
+                            rec[3] = value
+                            break
             req = rec[1].get("werkzeug.request")  # Flask drops it when the request ends
             if req is not None:
-                rec[8] = getattr(req, "url_rule", None)
+                rec[7] = getattr(req, "url_rule", None)
         except Exception:  # noqa: BLE001 - malformed headers are the server's to refuse
             pass
         if exc_info is None:
@@ -128,21 +137,21 @@ class _Response:
 
     def close(self) -> None:
         rec = self._rec
-        if rec[7]:
+        if rec[6]:
             return
         try:
             close = getattr(self._it, "close", None)
             if close is not None:
                 close()
         except BaseException as e:
-            if not rec[6]:
-                rec[6] = type(e).__name__
+            if not rec[5]:
+                rec[5] = type(e).__name__
             raise
         finally:
-            if rec[8] is None and rec[1] is not None:
+            if rec[7] is None and rec[1] is not None:
                 _unmatched(rec)
             rec[1] = None  # the environ: a finished request holds only small values
-            rec[7] = perf_counter()
+            rec[6] = perf_counter()
 
 
 def _unmatched(rec: list) -> None:
@@ -152,31 +161,32 @@ def _unmatched(rec: list) -> None:
         route = environ.get("flasktop.route")
         if route is not None:
             endpoint = environ.get("flasktop.endpoint")
-            rec[8] = (route, endpoint) if endpoint else route
+            rec[7] = (route, endpoint) if endpoint else route
     except Exception:  # noqa: BLE001
         pass
 
 
 def _end(rec: list) -> None:
     """Stamp the end of a request that did not end through _Response.close()."""
-    if rec[8] is None and rec[1] is not None:
+    if rec[7] is None and rec[1] is not None:
         _unmatched(rec)
     rec[1] = None
-    rec[7] = perf_counter()
+    rec[6] = perf_counter()
 
 
 def _counted(it: Iterable[bytes], rec: list) -> Iterator[bytes]:
+    """Iterate ``it`` and keep the bytes sent so far in the record's SIZE."""
     n = 0
-    rec[5] = 0
+    rec[3] = 0
     try:
         for chunk in it:
             n += len(chunk)
-            rec[5] = n
+            rec[3] = n
             yield chunk
     except GeneratorExit:
         raise
     except BaseException as e:
-        rec[6] = type(e).__name__
+        rec[5] = type(e).__name__
         raise
 
 
@@ -185,7 +195,7 @@ def _hook_file_wrapper(it: Any, rec: list) -> Any:
     inner = getattr(it, "close", None)
 
     def close() -> None:
-        if rec[7]:
+        if rec[6]:
             return
         try:
             if inner is not None:

@@ -39,10 +39,10 @@ CACHE_CAP = 4096  # entries in each label / rule / status cache
 CHUNK = 4096  # ended requests encoded per pass
 _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per datagram
 
-# A record is a plain list, the cheapest thing to build on the request path.
-# CONTENT_LENGTH is the header's value (None if absent), NBYTES the bytes iterated when
-# there was none (-1: not iterated). At close the middleware drops ENVIRON, then stamps T1.
-T0, ENVIRON, STATUS, CONTENT_LENGTH, TID, NBYTES, EXC, T1, RULE, METHOD = range(10)
+# A record is a plain list, the cheapest thing to build on the request path. SIZE is
+# the Content-Length value (a str), else the bytes iterated so far (an int), else None.
+# At close the middleware drops ENVIRON, then stamps T1: a record with T1 has ended.
+T0, ENVIRON, STATUS, SIZE, TID, EXC, T1, RULE, METHOD = range(9)
 
 _METHODS = {m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
                            "TRACE", "CONNECT", "PROPFIND", "PROPPATCH", "MKCOL", "COPY",
@@ -257,7 +257,7 @@ class Reporter:
         n = len(recs)
         now = time.perf_counter()
         t_ms = int(time.time() * 1000)
-        t0s, _, statuses, cls, tids, nbytes, excs, t1s, rules, methods = zip(*recs)
+        t0s, _, statuses, sizes, tids, excs, t1s, rules, methods = zip(*recs)
         # Microseconds and milliseconds stay floats: "%d" truncates them like int() would.
         # Both clocks are one monotonic clock, read in order: neither can be negative.
         durs = list(map(mul, map(sub, t1s, t0s), repeat(1e6, n)))
@@ -270,9 +270,9 @@ class Reporter:
         if None in codes:
             codes = [self._code(st) if c is None else c for c, st in zip(codes, statuses)]
         try:
-            sizes = list(map(int, cls))  # the Content-Length values, when all are present
-        except (TypeError, ValueError):
-            sizes = [_size(cl, nb) for cl, nb in zip(cls, nbytes)]
+            sizes = list(map(int, sizes))  # Content-Length values and byte counts
+        except (TypeError, ValueError):  # a None (size unknown) or a malformed header
+            sizes = [_size(v) for v in sizes]
         if min(sizes) < -1 or max(sizes) > _MAX_SIZE:
             sizes = [v if -1 <= v <= _MAX_SIZE else -1 for v in sizes]
         if min(tids) < 1 or max(tids) >= _MAX_TID:
@@ -454,13 +454,11 @@ def _live_route(environ: Any) -> Tuple[str, str]:
     return protocol.PENDING, ""
 
 
-def _size(content_length: Any, counted: int) -> int:
-    if content_length is not None:
-        try:
-            return int(content_length)
-        except (TypeError, ValueError):
-            pass
-    return counted
+def _size(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _status(status: Any) -> int:

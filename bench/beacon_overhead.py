@@ -1,0 +1,370 @@
+"""What the beacon costs a Flask app, side by side with the alternatives, in one run.
+
+Part 1, in-process. Each variant is a fresh hello-world Flask app called directly as
+WSGI: a copy of a prebuilt environ per request, a no-op start_response, the response
+iterated and closed. Variants alternate in rounds (the order rotates each round).
+Two figures per variant:
+
+- CPU per request: the process's CPU time over a round divided by its requests. It
+  counts everything the beacon costs: the request path, its flusher thread (which
+  shares the GIL with the app), the kernel's sendto(). The beacon's last buffered
+  events are flushed inside the timed region. Reported as the median over rounds of
+  the difference to bare Flask in the same round (robust to noisy neighbours).
+- latency: the median over all requests of each request's own wall time; what a
+  request waits for, i.e. the request path alone.
+
+Part 2, through gunicorn: the same app under a real gunicorn (sync, one worker), bare
+and with the beacon (a listener draining), a bounded number of loopback requests from a
+couple of client threads, alternating. Figures are printed, nothing is asserted.
+
+    .venv/bin/python bench/beacon_overhead.py [--rounds 31] [--requests 1000] [--http 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flask import Flask  # noqa: E402
+from werkzeug.test import EnvironBuilder  # noqa: E402
+
+from flasktop.beacon import Beacon  # noqa: E402
+
+BARE = "bare flask"
+QUIET = "beacon, nobody listening"
+HEARD = "beacon, listener draining"
+PROM = "prometheus_flask_exporter"
+CLOCK = "clock-only middleware"
+
+# A listener in its own process: reads and discards until its stdin closes.
+DRAIN = r"""
+import os, socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+while True:
+    s.recv(65536)
+"""
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hello_app() -> Flask:
+    app = Flask("hello")
+
+    @app.route("/")
+    def index() -> str:
+        return "Hello, World!"
+
+    return app
+
+
+class ClockOnly:
+    """The floor: a middleware that reads the clock at entry and at close."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.total = 0.0
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        t0 = time.perf_counter()
+        it = self.app(environ, start_response)
+        return _ClockClose(it, self, t0)
+
+
+class _ClockClose:
+    __slots__ = ("it", "mw", "t0")
+
+    def __init__(self, it: Any, mw: ClockOnly, t0: float) -> None:
+        self.it, self.mw, self.t0 = it, mw, t0
+
+    def __iter__(self) -> Any:
+        return iter(self.it)
+
+    def close(self) -> None:
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()
+        self.mw.total += time.perf_counter() - self.t0
+
+
+class Drain:
+    """The listener process; always stopped, by pid."""
+
+    def __enter__(self) -> "Drain":
+        self.proc = subprocess.Popen([sys.executable, "-c", DRAIN], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object]]]:
+    """name -> (wsgi callable, end-of-round hook run inside the timed region)."""
+    out: Dict[str, Tuple[Any, Callable[[], object]]] = {BARE: (hello_app(), lambda: None)}
+    clock = hello_app()
+    clock.wsgi_app = ClockOnly(clock.wsgi_app)  # type: ignore[method-assign]
+    out[CLOCK] = (clock, lambda: None)
+    quiet = hello_app()
+    b_quiet = Beacon(quiet, address=f"127.0.0.1:{free_udp_port()}")
+    out[QUIET] = (quiet, lambda: b_quiet.flush(5.0))
+    heard = hello_app()
+    b_heard = Beacon(heard, address=f"127.0.0.1:{listen_port}")
+    out[HEARD] = (heard, lambda: b_heard.flush(5.0))
+    try:
+        from prometheus_client import CollectorRegistry
+        from prometheus_flask_exporter import PrometheusMetrics
+
+        prom = hello_app()
+        PrometheusMetrics(prom, registry=CollectorRegistry(), group_by="url_rule")
+        out[PROM] = (prom, lambda: None)
+    except ImportError:
+        print("(prometheus_flask_exporter is not installed: that variant is skipped)")
+    return out
+
+
+def run_round(app: Any, base: Dict[str, Any], n: int, end: Callable[[], object],
+              lat: Optional[List[float]] = None) -> float:
+    """CPU seconds per request over ``n`` requests; appends each request's wall time to ``lat``."""
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        return None
+
+    clock = time.perf_counter
+    c0 = time.process_time()
+    for _ in range(n):
+        t = clock()
+        it = app(base.copy(), start_response)
+        for _chunk in it:
+            pass
+        it.close()
+        if lat is not None:
+            lat.append(clock() - t)
+    end()
+    return (time.process_time() - c0) / n
+
+
+def in_process(rounds: int, n: int) -> Dict[str, float]:
+    with Drain() as drain:
+        variants = make_variants(drain.port)
+        base = EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
+        names = list(variants)
+        for name in names:  # warm up, and let the quiet beacon learn nobody listens
+            run_round(variants[name][0], base, min(n, 500), variants[name][1])
+        time.sleep(0.5)
+        cpu: Dict[str, List[float]] = {name: [] for name in names}
+        lat: Dict[str, List[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                app, end = variants[name]
+                cpu[name].append(run_round(app, base, n, end, lat[name]))
+    return report_in_process(cpu, lat, rounds, n)
+
+
+def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
+                      rounds: int, n: int) -> Dict[str, float]:
+    bare_cpu = statistics.median(cpu[BARE]) * 1e6
+    bare_lat = statistics.median(lat[BARE]) * 1e6
+    added: Dict[str, float] = {}
+    print(f"\nIn-process WSGI, Flask hello world: {rounds} rounds x {n} requests per variant "
+          f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load "
+          f"{os.getloadavg()[0]:.1f})")
+    print(f"{'variant':<27} {'CPU us/req':>10} {'added':>7} {'added %':>8} {'IQR':>6}"
+          f" | {'latency p50':>11} {'added':>7}")
+    for name in cpu:
+        diffs = [(c - b) * 1e6 for c, b in zip(cpu[name], cpu[BARE])]
+        added[name] = statistics.median(diffs)
+        q = statistics.quantiles(diffs, n=4) if len(diffs) >= 4 else [0.0, 0.0, 0.0]
+        med_lat = statistics.median(lat[name]) * 1e6
+        print(f"{name:<27} {statistics.median(cpu[name]) * 1e6:>10.2f} {added[name]:>+7.2f} "
+              f"{added[name] / bare_cpu * 100:>+7.1f}% {q[2] - q[0]:>6.2f}"
+              f" | {med_lat:>11.2f} {med_lat - bare_lat:>+7.2f}")
+    print("(CPU: median over rounds; 'added' is the median of per-round differences to bare "
+          "Flask; IQR of those differences. latency: median of every request's wall time.)")
+    prom = added.get(PROM)
+    for name in (QUIET, HEARD):
+        line = (f"{name}: adds {added[name]:.2f} us CPU = {added[name] / bare_cpu * 100:.1f}% "
+                "of bare Flask (goal <= 5%)")
+        if prom:
+            line += f", {added[name] / prom * 100:.1f}% of what {PROM} adds (goal <= 10%)"
+        print(line)
+    return added
+
+
+# ---------------------------------------------------------------------------
+# Through gunicorn
+
+APP = '''
+import os
+from flask import Flask
+app = Flask(__name__)
+@app.route("/")
+def index():
+    return "Hello, World!"
+if os.environ.get("BENCH_BEACON") == "1":
+    from flasktop.beacon import Beacon
+    Beacon(app)
+'''
+
+
+def _serving(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_gunicorn(workdir: Path, beacon: bool, beacon_port: int) -> Tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BENCH_BEACON": "1" if beacon else "0",
+           "FLASKTOP_BEACON": f"127.0.0.1:{beacon_port}", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "--bind",
+                             f"127.0.0.1:{port}", "--log-level", "warning", "bench_app:app"],
+                            cwd=str(workdir), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not _serving(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise SystemExit("gunicorn did not start")
+        time.sleep(0.05)
+    return proc, port
+
+
+def worker_of(master: subprocess.Popen) -> int:
+    """The pid of the master's one worker, read from /proc (Linux)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{master.pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            if children:
+                return int(children[0])
+        time.sleep(0.05)
+    raise SystemExit("no gunicorn worker")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (and its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except OSError:
+        pass
+    proc.wait(timeout=10)
+
+
+def load(port: int, total: int, clients: int, time_limit: float) -> Tuple[float, float, int]:
+    """Up to ``total`` GETs from ``clients`` threads within ``time_limit`` s: (req/s, p50 ms, done)."""
+    lat: List[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + time_limit
+
+    def client() -> None:
+        mine = []
+        for _ in range(total // clients):
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/")
+                conn.getresponse().read()
+            finally:
+                conn.close()
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return len(lat) / wall, (statistics.median(lat) * 1e3 if lat else 0.0), len(lat)
+
+
+def through_gunicorn(total: int, rounds: int, clients: int) -> None:
+    procs: List[subprocess.Popen] = []
+    with Drain() as drain, tempfile.TemporaryDirectory() as tmp:
+        try:
+            Path(tmp, "bench_app.py").write_text(APP)
+            servers: Dict[str, int] = {}
+            for name, on in (("gunicorn, bare", False), ("gunicorn + beacon", True)):
+                proc, port = start_gunicorn(Path(tmp), on, drain.port)
+                procs.append(proc)
+                servers[name] = port
+                load(port, 200, clients, 30)  # warm up
+            workers = {name: worker_of(proc) for name, proc in zip(servers, procs)}
+            rates: Dict[str, List[float]] = {name: [] for name in servers}
+            p50s: Dict[str, List[float]] = {name: [] for name in servers}
+            cpus: Dict[str, List[float]] = {name: [] for name in servers}
+            for r in range(rounds):
+                for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    c0 = cpu_seconds(workers[name])
+                    rate, p50, done = load(servers[name], total, clients, 60)
+                    cpus[name].append((cpu_seconds(workers[name]) - c0) / max(done, 1) * 1e6)
+                    rates[name].append(rate)
+                    p50s[name].append(p50)
+        finally:
+            for proc in procs:
+                stop(proc)
+    print(f"\nThrough gunicorn (sync, 1 worker, beacon heard by a draining listener): {rounds} "
+          f"rounds x {total} GETs from {clients} client threads on loopback, a new connection "
+          "per request; medians over rounds")
+    print(f"{'variant':<20} {'req/s':>8} {'p50 ms':>8} {'worker CPU us/req':>18}")
+    for name in rates:
+        print(f"{name:<20} {statistics.median(rates[name]):>8.0f} "
+              f"{statistics.median(p50s[name]):>8.3f} {statistics.median(cpus[name]):>18.1f}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--rounds", type=int, default=31)
+    p.add_argument("--requests", type=int, default=1000, help="per variant per round")
+    p.add_argument("--http", type=int, default=2000, help="GETs per gunicorn round (0: skip)")
+    p.add_argument("--http-rounds", type=int, default=4)
+    p.add_argument("--clients", type=int, default=2)
+    args = p.parse_args(argv)
+    in_process(max(2, args.rounds), max(100, args.requests))
+    if args.http > 0:
+        through_gunicorn(min(args.http, 20000), max(1, args.http_rounds), max(1, args.clients))
+
+
+if __name__ == "__main__":
+    main()
