@@ -137,13 +137,6 @@ def frozen(pids: Iterable[int]) -> Dict[int, Tuple[str, int]]:
     return out
 
 
-def is_pyspy(p: psutil.Process) -> bool:
-    try:
-        return "py-spy" in p.name() or any("py-spy" in a for a in p.cmdline()[:1])
-    except psutil.Error:
-        return False
-
-
 def running(pid: int) -> bool:
     """Alive and not a zombie (an exited child its stopped or dead parent has not reaped)."""
     try:
@@ -152,13 +145,34 @@ def running(pid: int) -> bool:
         return False
 
 
-def pyspy_children(pid: int) -> List[int]:
-    """py-spy processes that ``pid`` started and that are still running."""
+def kernel_children(pid: int) -> List[int]:
+    """Children of ``pid`` from ``/proc/<pid>/task/*/children``: a few small reads, cheap
+    enough to poll every few milliseconds (psutil's children() reads every process)."""
+    out: List[int] = []
     try:
-        kids = psutil.Process(pid).children()
-    except psutil.Error:
-        return []
-    return [k.pid for k in kids if is_pyspy(k) and running(k.pid)]
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    return out
+
+
+def pyspy_children(pid: int) -> List[int]:
+    """py-spy processes that ``pid`` started and that are still running (not zombies)."""
+    out = []
+    for kid in kernel_children(pid):
+        try:
+            with open(f"/proc/{kid}/comm") as f:
+                if f.read().strip() != "py-spy":
+                    continue
+        except OSError:
+            continue
+        if proc_state(kid)[0] not in ("", "Z", "X"):
+            out.append(kid)
+    return out
 
 
 def pyspy_on(targets: Iterable[int]) -> List[int]:

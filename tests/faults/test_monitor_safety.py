@@ -63,18 +63,26 @@ def busy(tmp_path_factory) -> Iterator[Tuple[Gunicorn, int]]:
                 t.join(15)
 
 
-def _catch_pyspy(pid: int, at_least: int = 2, timeout: float = 20.0) -> Tuple[Set[int], List[int]]:
-    """Watch ``pid``'s children until ``at_least`` py-spy have been seen and one is running
-    right now; returns (all seen, the ones running at that moment)."""
+def _catch_mid_dump(pid: int, workers: List[int], at_least: int = 2,
+                    timeout: float = 20.0) -> Tuple[Set[int], int]:
+    """Watch ``pid``'s py-spy children until ``at_least`` have been seen and one of them is
+    tracing a worker right now (the worker's TracerPid is that py-spy: it is mid-dump, the
+    worker paused); returns (all py-spy seen, the one caught tracing)."""
     seen: Set[int] = set()
 
-    def caught() -> List[int]:
-        now = pyspy_children(pid)
-        seen.update(now)
-        return now if len(seen) >= at_least else []
-    live = wait_until(caught, timeout=timeout, interval=0.002,
-                      message=f"{at_least} py-spy dumps by pid {pid}")
-    return seen, live
+    def caught() -> int:
+        kids = pyspy_children(pid)
+        seen.update(kids)
+        if len(seen) < at_least:
+            return 0
+        for w in workers:
+            tracer = proc_state(w)[1]
+            if tracer and tracer in kids:
+                return tracer
+        return 0
+    tracer = wait_until(caught, timeout=timeout, interval=0.001,
+                        message=f"a py-spy of pid {pid} caught tracing a worker")
+    return seen, tracer
 
 
 def _assert_unharmed(g: Gunicorn, workers: List[int], pyspies: Set[int]) -> None:
@@ -104,9 +112,8 @@ def test_snapshot_killed_mid_sampling_leaves_no_pyspy_and_no_frozen_worker(busy,
         start_new_session=True)
     seen: Set[int] = set()
     try:
-        seen, live = _catch_pyspy(proc.pid)
-        os.kill(proc.pid, sig)  # while ``live`` py-spy are dumping
-        assert live
+        seen, tracer = _catch_mid_dump(proc.pid, workers)
+        os.kill(proc.pid, sig)  # while ``tracer`` holds a worker paused
         proc.wait(timeout=5)
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         assert "Traceback" not in err, err
@@ -153,9 +160,8 @@ def test_tui_signalled_restores_the_terminal_and_leaves_no_pyspy(busy, sig, tmp_
             return next((c.pid for c in psutil.Process(shell).children()
                          if "flasktop" in " ".join(c.cmdline())), 0)
         ft = wait_until(flasktop, timeout=5, message="the flasktop process in the pane")
-        seen, live = _catch_pyspy(ft)
+        seen, tracer = _catch_mid_dump(ft, workers)
         os.kill(ft, sig)
-        assert live
         signalled = time.monotonic()
         # run_ui's handler kills py-spy, asks the app to exit, and os._exit()s after 1.5 s if
         # the app cannot: 3 s is that bound plus room for a loaded box
@@ -192,16 +198,6 @@ def _stalls(stall_dir: Path, since: float) -> Dict[int, float]:
     return out
 
 
-def _kernel_children(pid: int) -> List[int]:
-    out: List[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out.extend(int(x) for x in f.read().split())
-    return out
-
-
 class PyspyCount:
     """Counts this process's running py-spy children every 5 ms; keeps the maximum."""
 
@@ -213,13 +209,7 @@ class PyspyCount:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.wait(0.005):
-            n = 0
-            for kid in _kernel_children(me):
-                with contextlib.suppress(OSError):
-                    with open(f"/proc/{kid}/comm") as f:
-                        if f.read().strip() == "py-spy" and proc_state(kid)[0] != "Z":
-                            n += 1
-            self.max = max(self.max, n)
+            self.max = max(self.max, len(pyspy_children(me)))
 
     def __enter__(self) -> "PyspyCount":
         self._thread.start()
@@ -310,9 +300,8 @@ def test_ctrl_z_of_flasktop_mid_dump_never_freezes_a_worker(tmp_path) -> None:
             start_new_session=True)  # its own process group, as a shell job would have
         seen: Set[int] = set()
         try:
-            seen, live = _catch_pyspy(proc.pid, at_least=1)
+            seen, tracer = _catch_mid_dump(proc.pid, [worker], at_least=1)
             os.killpg(proc.pid, signal.SIGSTOP)  # what Ctrl-Z sends to the foreground job
-            assert live
             wait_until(lambda: proc_state(proc.pid)[0] == "T", timeout=5,
                        message="flasktop to be stopped")
             # py-spy is in a session of its own: not stopped with flasktop, it finishes and
