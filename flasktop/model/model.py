@@ -25,7 +25,7 @@ from flasktop.model.snapshot import (
     WorkerView,
 )
 from flasktop.model.workers import (
-    MATCH_S, MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut, running_at,
+    MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut, running_at, same_request,
 )
 from flasktop.protocol import (
     KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request,
@@ -127,7 +127,7 @@ class Model:
                 if not -1e11 < f.start < 1e11 or n >= MAX_TIDS:
                     continue
                 done = last_done.get(f.tid)
-                if done is not None and abs(done[0] - f.start) <= MATCH_S:
+                if done is not None and same_request(done[0], done[1], f, dg.t):
                     continue  # it completed after this report was sent
                 fresh.setdefault(f.tid, []).append(f)
                 n += 1
@@ -196,7 +196,7 @@ class Model:
                 if flights:
                     f = flights[0] if len(flights) == 1 else \
                         min(flights, key=lambda x: abs(x.start - begin))
-                    if abs(f.start - begin) <= MATCH_S:
+                    if same_request(begin, end, f, w.inflight_t):
                         if len(flights) == 1:
                             del inflight[tid]
                         else:
@@ -531,16 +531,21 @@ class Model:
         return rs
 
     def _inflight_views(self, w: WorkerState, now: float) -> List[InFlightView]:
-        if w.inflight:
-            views = [InFlightView(f.route, f.method, f.tid, f.start, max(0.0, now - f.start))
-                     for flights in w.inflight.values() for f in flights]
-        elif w.beacon_t is None and w.sample_t is not None \
-                and now - w.sample_t <= self.cfg.thread_stale_s:
-            views = [InFlightView(NO_ROUTE, "", th.tid, th.since, max(0.0, th.t - th.since),
-                                  "stack")
-                     for th in w.threads.values() if th.in_request]
-        else:
-            return []
+        """The requests a worker serves: the beacon's, plus what the stacks show that it has
+        not reported yet (its in-flight report comes once a second), or all of it without one."""
+        views = [InFlightView(f.route, f.method, f.tid, f.start, max(0.0, now - f.start))
+                 for flights in w.inflight.values() for f in flights]
+        st = w.sample_t
+        if st is not None and now - st <= self.cfg.thread_stale_s \
+                and (w.beacon_t is None or st > w.inflight_t):
+            for th in w.threads.values():
+                if not th.in_request or th.tid in w.inflight:
+                    continue
+                done = w.last_done.get(th.tid)
+                if done is not None and done[1] >= th.t:
+                    continue  # the request it was sampled in has completed since
+                views.append(InFlightView(NO_ROUTE, "", th.tid, th.since,
+                                          max(0.0, th.t - th.since), "stack"))
         views.sort(key=lambda v: (v.start, v.tid))
         return views
 

@@ -99,6 +99,14 @@ class WorkerState:
 MATCH_S = 0.01  # the same request's start, from an in-flight report and from its completion
 
 
+def same_request(begin: float, end: float, f: InFlight, reported: float) -> bool:
+    """Is the completed request ``begin .. end`` the one in flight as ``f`` in a report sent at
+    ``reported``? Its start must match, and it must have been running when the report was sent:
+    on one thread a fast request that ended just before the next one began has nearly the same
+    start, but ended before the report."""
+    return abs(begin - f.start) <= MATCH_S and end >= reported - 0.002
+
+
 def running_at(flights: Optional[List[InFlight]], t: float) -> Optional[InFlight]:
     """The request on one thread that was running at ``t``: the latest one begun by then."""
     best = None

@@ -159,3 +159,31 @@ def test_gevent_greenlets_share_a_thread_and_the_oldest_request_still_counts() -
     assert [v.route for v in w.in_flight_all] == ["/export"]
     assert w.state == STUCK and w.in_flight.elapsed_s == 20.0
     assert m.snapshot(T0 + 21).utilization is None  # async workers have no fixed capacity
+
+
+def test_stacks_show_a_request_the_beacon_has_not_reported_yet() -> None:
+    m = attached()
+    m.feed(flying(7, T0 + 1, []), T0 + 1)  # nothing running at T0 + 1
+    m.feed(sample(7, T0 + 1.5, [(7, app_frames("wait_for_lock", "export"))]), T0 + 1.5)
+    w = worker(m, 7, T0 + 1.6)
+    assert w.state == BUSY and w.in_flight.source == "stack" and w.in_flight.tid == 7
+    m.feed(flying(7, T0 + 2, [("/export", 7, T0 + 1.2)]), T0 + 2)  # the beacon catches up
+    w = worker(m, 7, T0 + 2)
+    assert [(v.route, v.source) for v in w.in_flight_all] == [("/export", "beacon")]
+    m.feed(sample(7, T0 + 3, [(7, app_frames("quick"))]), T0 + 3)
+    m.feed(done(7, T0 + 3.2, [req("/export", 1.9, T0 + 3.1, tid=7), req("/quick", 0.1, T0 + 3.15, tid=7)]),
+           T0 + 3.2)
+    assert worker(m, 7, T0 + 3.3).state == IDLE  # the sampled request has completed
+
+
+def test_a_fast_request_just_before_a_hang_does_not_hide_it() -> None:
+    m = attached()
+    m.feed(done(7, T0 + 1.1, [req("/fast", 0.003, T0 + 1.012, tid=7)]), T0 + 1.1)  # began 1.009
+    m.feed(flying(7, T0 + 1.15, [("/hang", 7, T0 + 1.013)]), T0 + 1.15)
+    m.feed(flying(7, T0 + 2.15, [("/hang", 7, T0 + 1.013)]), T0 + 2.15)
+    w = worker(m, 7, T0 + 2.2)
+    assert w.state == BUSY and w.in_flight.route == "/hang"
+    m.feed(done(7, T0 + 2.3, [req("/late", 0.002, T0 + 1.011, tid=7)]), T0 + 2.3)  # reordered
+    assert worker(m, 7, T0 + 2.3).in_flight.route == "/hang"
+    m.feed(done(7, T0 + 3.1, [req("/hang", 2.0, T0 + 3.013, tid=7)]), T0 + 3.1)
+    assert worker(m, 7, T0 + 3.1).state == IDLE
