@@ -352,7 +352,9 @@ class Reporter:
     # -- in-flight report -----------------------------------------------------------
 
     def _report(self, now: float, t_ms: int) -> None:
-        snap = list(self.flights.values())
+        # Only what is still running now: one that ended since this flush began goes out
+        # as completed in the next flush, and must not also be reported as in flight.
+        snap = [rec for rec in self.flights.values() if not rec[T1]]
         snap.sort(key=itemgetter(T0))
         rows: List[list] = []
         for rec in snap[:REPORT_ROWS]:
