@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,6 @@ from typing import Dict, List, Tuple
 import psutil
 import pytest
 
-from flasktop import protocol
 from tests.fixtures.beacon_receiver import Receiver
 from tests.support import Gunicorn, free_port, gunicorn, in_background, wait_until
 
