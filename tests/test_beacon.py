@@ -68,6 +68,13 @@ def _no_env_beacon(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLASKTOP_BEACON", raising=False)
 
 
+def settled_once(rx: Receiver) -> bool:
+    """An empty in-flight report came after the last requests datagram: all is in."""
+    ds = rx.datagrams()
+    last_r = max((d.seq for d in ds if d.kind == "r"), default=0)
+    return any(d.kind == "f" and d.seq > last_r and d.inflight_total == 0 for d in ds)
+
+
 def beacon_app(address: str) -> Tuple[Flask, Beacon]:
     app = create_app()
     return app, Beacon(app, address=address)
@@ -100,6 +107,15 @@ def test_app_factory_init_app_reads_the_app_config(rx: Receiver) -> None:
     assert app.extensions["flasktop_beacon"] is beacon
     Beacon(app)  # a second beacon does not wrap twice
     assert not isinstance(app.wsgi_app.wsgi_app, BeaconMiddleware)
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    app.wsgi_app = ProxyFix(app.wsgi_app)  # ... nor when another middleware is around it
+    Beacon(app)
+    assert instrument(app) is app and isinstance(app.wsgi_app, ProxyFix)
+    call(app, "/")
+    rx.wait_requests("/", 2)
+    rx.wait(settled_once, message="a report after the second request")
+    assert len(rx.requests("/")) == 2  # not 3
 
 
 def test_any_wsgi_app_with_the_middleware_and_its_route_hook(rx: Receiver) -> None:

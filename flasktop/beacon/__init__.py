@@ -33,8 +33,9 @@ def instrument(app: Any, address: AddressArg = None) -> Any:
     unchanged when the beacon is off or ``app`` is already instrumented. Never raises.
     """
     try:
-        if isinstance(app, BeaconMiddleware) or isinstance(getattr(app, "wsgi_app", None),
-                                                           BeaconMiddleware):
+        if (isinstance(app, BeaconMiddleware)
+                or isinstance(getattr(app, "wsgi_app", None), BeaconMiddleware)
+                or "flasktop_beacon" in (getattr(app, "extensions", None) or {})):
             return app
         if _is_flask(app):
             Beacon(app, address)

@@ -39,6 +39,9 @@ class Beacon:
         if isinstance(existing, BeaconMiddleware):
             self.middleware = existing
             return
+        if "flasktop_beacon" in app.extensions:  # already in, under another middleware
+            self.middleware = app.extensions["flasktop_beacon"].middleware
+            return
         middleware = BeaconMiddleware(existing, self.address, config=app.config)
         if not middleware.enabled:
             return
