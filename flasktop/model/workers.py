@@ -118,8 +118,10 @@ def running_at(flights: Optional[List[InFlight]], t: float) -> Optional[InFlight
 
 
 def request_cut(names: Tuple[str, ...], request_functions: frozenset) -> int:
-    """Index (innermost first) of the innermost request-handling frame, or -1."""
+    """Index (innermost first) of the innermost request-handling frame, or -1. py-spy names
+    a method by its qualified name on Python 3.11+ ("Flask.dispatch_request"), by its bare
+    name before."""
     for i, n in enumerate(names):
-        if n in request_functions:
+        if n in request_functions or n[n.rfind(".") + 1:] in request_functions:
             return i
     return -1

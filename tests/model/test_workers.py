@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from flasktop.model.events import Frame
 from flasktop.model.snapshot import BUSY, IDLE, STARTING, STOPPED, STUCK, UNKNOWN
 from tests.model.helpers import (
-    IDLE_FRAMES, T0, app_frames, done, flying, gconf, model, proc, req, sample, tick,
+    IDLE_FRAMES, REQUEST_FRAMES, T0, app_frames, done, flying, gconf, model, proc, req, sample, tick,
 )
 
 
@@ -187,3 +188,14 @@ def test_a_fast_request_just_before_a_hang_does_not_hide_it() -> None:
     assert worker(m, 7, T0 + 2.3).in_flight.route == "/hang"
     m.feed(done(7, T0 + 3.1, [req("/hang", 2.0, T0 + 3.013, tid=7)]), T0 + 3.1)
     assert worker(m, 7, T0 + 3.1).state == IDLE
+
+
+def test_qualified_frame_names_of_python_311_are_request_frames_too() -> None:
+    m = attached()
+    qualified = tuple(Frame(("Flask." if f.name != "handle_request" else "SyncWorker.") + f.name,
+                            f.filename, f.line, f.short_filename) for f in REQUEST_FRAMES[:4])
+    frames = (Frame("wait_for_lock", "/srv/app.py", 3, "app.py"),) + qualified
+    for i in range(20):
+        m.feed(sample(7, T0 + i, [(7, frames)]), T0 + i)
+    w = worker(m, 7, T0 + 19)
+    assert w.state == STUCK and w.in_flight.source == "stack" and w.in_flight.elapsed_s == 19.0
