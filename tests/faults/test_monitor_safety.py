@@ -145,9 +145,11 @@ def test_tui_signalled_restores_the_terminal_and_leaves_no_pyspy(busy, sig, tmp_
            f"--beacon 127.0.0.1:{udp} --sample-interval 0.2; echo EXIT:$? > {exit_file}")
     _tmux(sock, "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd,
           ";", "set-option", "-t", name, "remain-on-exit", "on")
+    socket_path = ""
     ft = 0
     seen: Set[int] = set()
     try:
+        socket_path = _tmux(sock, "display", "-p", "#{socket_path}").strip()
         def screen() -> str:
             return _tmux(sock, "capture-pane", "-p", "-t", name)
         wait_until(lambda: f"master {g.pid}" in screen(), timeout=30,
@@ -178,6 +180,9 @@ def test_tui_signalled_restores_the_terminal_and_leaves_no_pyspy(busy, sig, tmp_
     finally:
         with contextlib.suppress(Exception):
             _tmux(sock, "kill-server")
+        if socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)  # tmux leaves its socket file behind
         if ft:
             kill_tree(ft)
         for p in seen:
