@@ -143,13 +143,14 @@ def test_tui_signalled_restores_the_terminal_and_leaves_no_pyspy(busy, sig, tmp_
     exit_file = tmp_path / "exit"
     cmd = (f"cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m flasktop --pid {g.pid} "
            f"--beacon 127.0.0.1:{udp} --sample-interval 0.2; echo EXIT:$? > {exit_file}")
-    _tmux(sock, "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd,
-          ";", "set-option", "-t", name, "remain-on-exit", "on")
     socket_path = ""
     ft = 0
     seen: Set[int] = set()
     try:
+        _tmux(sock, "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd,
+              ";", "set-option", "-t", name, "remain-on-exit", "on")
         socket_path = _tmux(sock, "display", "-p", "#{socket_path}").strip()
+
         def screen() -> str:
             return _tmux(sock, "capture-pane", "-p", "-t", name)
         wait_until(lambda: f"master {g.pid}" in screen(), timeout=30,
