@@ -97,7 +97,8 @@ def _live_equal(w: Watch, g: Gunicorn, message: str, timeout: float = 15.0):
 
 # --------------------------------------------------------------------------- 1. timeout kill
 
-def test_timeout_kill_has_route_and_stack_and_the_replacement_shows_at_once(tmp_path: Path) -> None:
+def test_timeout_kill_has_route_and_stack_and_the_replacement_shows_at_once(
+        tmp_path: Path) -> None:
     """Two monitors at once on one kill, each hearing the beacon through a fan-out: the real
     CLI (which also samples with py-spy: the route and the stack in its JSON) and an
     in-process engine on its collector thread (the route from the beacon; the replacement's
@@ -112,11 +113,10 @@ def test_timeout_kill_has_route_and_stack_and_the_replacement_shows_at_once(tmp_
                 "--seconds", "8", "--sample-interval", "0.5", "--json"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
             env=cli_env(), start_new_session=True)
-        udp = udp_cli
         try:
             with Watch(g.pid, udp_engine, refresh=1.0, pyspy=False) as w:
                 w.wait(lambda s: len(s.workers) == 2, message="two workers")
-                wait_until(lambda: any(c.laddr.port == udp for c in
+                wait_until(lambda: any(c.laddr.port == udp_cli for c in
                                        psutil.Process(proc.pid).net_connections(kind="udp4")),
                            timeout=15, message="flasktop snapshot to listen for the beacon")
                 _hang(g)
