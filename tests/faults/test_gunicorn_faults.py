@@ -29,8 +29,8 @@ import pytest
 from flasktop.model import ModelConfig
 from flasktop.report import render
 from tests.faults import (
-    ROOT, Fanout, Finding, Watch, app_env, cli, cli_env, events_of, kill_pids, script_gunicorn, udp_port,
-    worker_pids,
+    ROOT, Fanout, Finding, Watch, app_env, cli, cli_env, events_of, kill_pids, script_gunicorn,
+    udp_port, worker_pids,
 )
 from tests.support import Gunicorn, gunicorn, kill_tree, wait_until
 
