@@ -59,6 +59,9 @@ class Churn:
         self.new_master: Optional[int] = None
         self.timeouts: Deque[WorkerEvent] = deque(maxlen=64)
         self.provisional: List[WorkerEvent] = []  # this batch's "started" events, revisable
+        self.expected: Optional[int] = None  # workers gunicorn should have: --workers, TTIN, TTOU
+        self.alive = 0
+        self.short_since: Optional[float] = None  # since when fewer are alive than expected
 
     def master(self, t: float, pid: int, alive: bool, new_master: Optional[int]) -> None:
         if not alive and self.master_exited_t is None:
@@ -89,6 +92,14 @@ class Churn:
         """
         if self.master_exited_t is not None:
             return
+        if self.expected is None:
+            self.expected = configured or count_before or None
+        self.alive = count_after
+        if self.expected is not None and count_after < self.expected:
+            if self.short_since is None:
+                self.short_since = t
+        else:
+            self.short_since = None
         if starts or exits:
             if self.batch_t0 is None:
                 self.batch_t0 = t
@@ -138,7 +149,7 @@ class Churn:
         spent = [d for d in exits if self._spent(d, max_requests)]
         out.extend(self._recycle_event(d, max_requests) for d in spent)
         rest = [d for d in exits if not self._spent(d, max_requests)]
-        n_removed = max(0, count0 - count1)
+        n_removed = max(0, count0 - count1) if count1 else 0  # TTOU never goes below one
         removed = sorted((d for d in rest if not d.busy), key=lambda d: (-d.lifetime, d.pid))
         removed = removed[:n_removed]
         for d in removed:
@@ -170,6 +181,7 @@ class Churn:
                 and fresh >= cfg.reload_fraction * len(rest)):
             span = max(d.t for d in rest) - min(min(d.t for d in rest), min(a.t for a in starts))
             self._retract(list(provisional.values()))
+            self.expected = configured or max(self.expected or 0, count1) or None
             out.append(WorkerEvent(rest[-1].t, "reloaded", None,
                                    f"reload (HUP): {len(rest)} workers replaced by {fresh} "
                                    f"new ones within {_s(max(span, 0.0))}; master unchanged"))
@@ -187,6 +199,8 @@ class Churn:
                                        stack=d.stack if d.busy else None))
         added = max(0, count1 - max(count0, configured or 0))  # filling up to --workers: started
         grown = starts[len(starts) - min(added, len(starts)):] if added else []
+        if self.expected is not None:
+            self.expected = max(1, self.expected + len(grown) - len(removed))
         self._retract([provisional[a.pid] for a in grown if a.pid in provisional])
         for a in grown:
             out.append(WorkerEvent(a.t, "added", a.pid,

@@ -66,7 +66,7 @@ class Model:
         self._epoch = -1
         self._long_s = config.timeout_kill_fraction * 30.0
         self._app_dropped = 0
-        self._losses: Deque[Tuple[float, int]] = deque(maxlen=512)
+        self._losses: Deque[Tuple[float, int, int]] = deque(maxlen=512)  # (t, all, backlog)
         self._states: Dict[str, SourceState] = {}
         self._pid_states: Dict[Tuple[str, int], SourceState] = {}
         self._samples = 0
@@ -483,7 +483,7 @@ class Model:
 
     def _listener_stats(self, ev: ListenerStats, now: float) -> None:
         self._listener = ev
-        self._losses.append((now, self._loss_total()))
+        self._losses.append((now, self._loss_total(), ev.dropped_backlog))
 
     def _loss_total(self) -> int:
         ev = self._listener
@@ -910,31 +910,29 @@ class Model:
             out.append(SourceView("beacon", "degraded",
                                   f"no datagram for {now - self._heard:.0f} s"))
         else:
-            lost = self._recent_losses(now)
+            lost, behind = self._recent_losses(now)
             detail = ""
             if self._ignored:
                 detail = f"{self._ignored} datagrams from pids that are not this master's workers"
             if lost:
+                why = f" ({behind} dropped by flasktop itself, behind)" if behind else ""
                 out.append(SourceView("beacon", "degraded",
                                       f"lost {lost} events or datagrams in the last "
-                                      f"{cfg.beacon_loss_window_s:.0f} s"
+                                      f"{cfg.beacon_loss_window_s:.0f} s{why}"
                                       + ("; " + detail if detail else "")))
             else:
                 out.append(SourceView("beacon", "ok", detail))
         return tuple(out)
 
-    def _recent_losses(self, now: float) -> int:
-        cur = self._loss_total()
-        base = None
-        for t, v in self._losses:
+    def _recent_losses(self, now: float) -> Tuple[int, int]:
+        """Events lost in the last loss window: all kinds, and those flasktop itself dropped."""
+        base, backlog = 0, 0
+        for t, v, b in self._losses:
             if t >= now - self.cfg.beacon_loss_window_s:
                 break
-            base = v
-        if base is None:
-            base = self._losses[0][1] if self._losses else 0
-            if self._losses and self._losses[0][0] >= now - self.cfg.beacon_loss_window_s:
-                base = 0
-        return max(0, cur - base)
+            base, backlog = v, b
+        cur = self._listener.dropped_backlog if self._listener is not None else 0
+        return max(0, self._loss_total() - base), max(0, cur - backlog)
 
     def _beacon_view(self, now: float) -> BeaconView:
         ev = self._listener
@@ -945,7 +943,8 @@ class Model:
         return BeaconView(address=ev.address, received=ev.received, accepted=ev.accepted,
                           events=ev.events, rejected=ev.rejected, lost=ev.lost,
                           kernel_drops=ev.kernel_drops, app_dropped=self._app_dropped,
-                          senders=ev.senders, last_heard_s=heard, ignored=self._ignored)
+                          senders=ev.senders, last_heard_s=heard, ignored=self._ignored,
+                          dropped_backlog=ev.dropped_backlog)
 
 
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:

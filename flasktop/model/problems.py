@@ -12,6 +12,7 @@ from flasktop.model.snapshot import STUCK, Problem, RouteView, WorkerView
 
 # Severity bands: higher is worse; the list is sorted by it.
 SEV_MASTER = 100
+SEV_DOWN = 95
 SEV_CRASH = 90
 SEV_TIMEOUT = 80
 SEV_STUCK = 70
@@ -104,6 +105,13 @@ class Judge:
         if churn.master_exited_t is not None:
             out.append(Problem("master_exited", SEV_MASTER,
                                "the gunicorn master exited: nothing is serving requests"))
+        short = churn.short_since
+        if churn.master_exited_t is None and short is not None \
+                and now - short >= cfg.starting_grace_s:
+            out.append(Problem(
+                "workers_down", SEV_DOWN if churn.alive == 0 else SEV_FD + 10,
+                f"only {churn.alive} of {churn.expected} workers alive for {_age(now - short)}: "
+                "gunicorn's workers die or hang while starting (see its log)"))
         if churn.crash_t is not None and now - churn.crash_t <= cfg.problem_recent_s:
             out.append(Problem("crash_loop", SEV_CRASH,
                                f"crash loop: {churn.crash_count} workers died within "

@@ -192,6 +192,7 @@ class BeaconView:
     senders: int = 0
     last_heard_s: Optional[float] = None  # seconds since the last datagram
     ignored: int = 0  # datagrams from pids that are not workers of this master
+    dropped_backlog: int = 0  # decoded datagrams flasktop threw away because it fell behind
 
 
 @dataclass(frozen=True)

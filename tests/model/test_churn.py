@@ -214,3 +214,31 @@ def test_young_workers_recycled_reloaded_and_removed_are_no_crash_loop() -> None
     assert kinds(m, T0 + 30) == ["recycled", "recycled", "started", "started", "reloaded",
                                  "added", "removed"]
     assert not [p for p in m.snapshot(T0 + 30).problems if p.kind == "crash_loop"]
+
+
+def test_workers_that_die_faster_than_the_poll_are_a_problem() -> None:
+    """gunicorn respawns workers that exit in post_fork: the poll never sees one alive."""
+    m = model(starting_grace_s=5.0)
+    cfg = gconf(workers=2)
+    run(m, T0, [1, 2], {}, cfg)
+    run(m, T0 + 1, [], {}, cfg)
+    for i in range(2, 5):
+        run(m, T0 + i, [], {}, cfg)
+    assert not [p for p in m.snapshot(T0 + 4).problems if p.kind == "workers_down"]
+    for i in range(5, 8):
+        run(m, T0 + i, [], {}, cfg)
+    [p] = [p for p in m.snapshot(T0 + 7).problems if p.kind == "workers_down"]
+    assert p.severity > 90 and "0 of 2 workers alive for 6.0 s" in p.summary
+    run(m, T0 + 8, [11, 12], {11: T0 + 8, 12: T0 + 8}, cfg)
+    assert not [p for p in m.snapshot(T0 + 8).problems if p.kind == "workers_down"]
+
+
+def test_fewer_workers_after_ttou_are_not_a_problem() -> None:
+    m = model(starting_grace_s=5.0)
+    for i in range(5):
+        run(m, T0 + i, [1, 2, 3], {}, gconf(workers=3))
+    for i in range(5, 30):
+        run(m, T0 + i, [2, 3], {}, gconf(workers=3))
+    snap = m.snapshot(T0 + 30)
+    assert [e.kind for e in snap.events] == ["removed"]
+    assert not [p for p in snap.problems if p.kind == "workers_down"]

@@ -115,3 +115,15 @@ def test_held_datagrams_are_bounded() -> None:
     assert m.sizes()["held_datagrams"] == 10 and m.snapshot(T0 + 0.5).beacon.ignored == 90
     m.feed(tick(T0 + 1, [proc(7, T0 + 1)]), T0 + 1)
     assert m.sizes()["held_datagrams"] == 0 and m.snapshot(T0 + 1).beacon.ignored == 100
+
+
+def test_datagrams_flasktop_dropped_itself_have_their_own_field() -> None:
+    m = model()
+    m.feed(tick(T0, [proc(7, T0)]), T0)
+    m.feed(flying(7, T0, []), T0)
+    m.feed(ListenerStats(T0 + 1, "127.0.0.1:9711", 10, 10, 10, dropped_backlog=7, lost=2), T0 + 1)
+    snap = m.snapshot(T0 + 1)
+    assert snap.beacon.dropped_backlog == 7 and snap.beacon.lost == 2
+    assert snap.to_dict()["sources"]["beacon"]["dropped_backlog"] == 7
+    st, detail = state(m, "beacon", T0 + 1)
+    assert st == "degraded" and "lost 9" in detail and "7 dropped by flasktop itself" in detail
