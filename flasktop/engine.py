@@ -26,6 +26,12 @@ from flasktop.sources.poller import Poller
 from flasktop.sources.pyspy import Sampler
 
 INBOX_LIMIT = 20_000  # events from the poller and sampler between two drains; far above their rates
+# Folding the whole backlog in one pass held the next snapshot back for as long as that took
+# (up to the listener's 250,000-event cap: 7x the refresh was measured on a busy 2-core box
+# during a million-route flood, bench/flood_memory.py). Folding is now done in budgeted
+# chunks, with a snapshot whenever one is due, and what waits counts against the cap.
+FOLD_BUDGET = 0.2  # seconds of beacon folding per collector pass, at most half the refresh
+DRAIN_CHUNK = 256  # datagrams taken from the listener at a time within the budget
 PY_SPY_ENV = "FLASKTOP_PY_SPY"  # the py-spy binary to run, when not next to Python or on PATH
 
 
@@ -75,6 +81,7 @@ class Engine:
         self._focus: Optional[int] = None
         self._opened = False
         self._topology = False  # the poller's first TopologyTick has been folded
+        self._backlogged = False  # the last budgeted collect() left datagrams waiting
 
     # -- sources -----------------------------------------------------------------
 
@@ -113,8 +120,9 @@ class Engine:
 
     def _run(self) -> None:
         next_snapshot = time.monotonic()
+        budget = self._budget()
         while not self._stop.is_set():
-            self.collect()
+            self.collect(budget)
             if time.monotonic() >= next_snapshot:
                 next_snapshot = time.monotonic() + self.refresh
                 snap = self.take_snapshot()
@@ -124,15 +132,22 @@ class Engine:
                         cb(snap)
                     except Exception:  # noqa: BLE001 - a closing UI must not kill collection
                         pass
+            if self._backlogged:
+                continue  # more is waiting: fold on, with a snapshot whenever one is due
             self._stop.wait(min(0.25, self.refresh))
 
-    def collect(self) -> int:
+    def collect(self, budget: Optional[float] = None) -> int:
         """Fold everything waiting into the model; returns how many events were folded.
 
         Beacon datagrams wait in the listener's bounded backlog until the poller's first
         topology tick is folded: only then does the model know which pids are workers.
         Before it, anything on the port (any local user can send there) would be taken
         for a worker and could fill the route table with made-up names.
+
+        With a ``budget`` (seconds), beacon datagrams are folded in chunks until it is
+        spent; the rest stay in the listener's bounded backlog (oldest dropped first,
+        counted) and :attr:`backlogged` says so. A flood then delays the next snapshot
+        by at most the budget, instead of by however long folding it all takes.
         """
         n = 0
         now = self.clock()
@@ -146,13 +161,36 @@ class Engine:
                 self._topology = True
             self.model.feed(event, now)
             n += 1
+        self._backlogged = False
         if self.listener is not None:
             if self._topology:
-                for dgram in self.listener.drain():
-                    self.model.feed(dgram, now)
-                    n += 1
+                feed = self.model.feed
+                if budget is None:
+                    for dgram in self.listener.drain():
+                        feed(dgram, now)
+                        n += 1
+                else:
+                    deadline = time.monotonic() + budget
+                    while True:
+                        batch = self.listener.drain(DRAIN_CHUNK)
+                        for dgram in batch:
+                            feed(dgram, now)
+                        n += len(batch)
+                        if len(batch) < DRAIN_CHUNK:
+                            break
+                        if time.monotonic() >= deadline:
+                            self._backlogged = True
+                            break
             self.model.feed(self.listener.stats(), now)
         return n
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether the last budgeted :meth:`collect` left beacon datagrams waiting."""
+        return self._backlogged
+
+    def _budget(self) -> float:
+        return min(FOLD_BUDGET, self.refresh / 2)
 
     def take_snapshot(self) -> Snapshot:
         now = self.clock()
@@ -197,15 +235,17 @@ class Engine:
         self.open()
         deadline = time.monotonic() + seconds
         next_snapshot = time.monotonic()
+        budget = self._budget()
         while True:
-            self.collect()
+            self.collect(budget)
             if time.monotonic() >= next_snapshot:
                 next_snapshot = time.monotonic() + self.refresh
                 self.take_snapshot()
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            time.sleep(min(tick, left))
+            if not self._backlogged:
+                time.sleep(min(tick, left))
         self.collect()
         return self.take_snapshot()
 
