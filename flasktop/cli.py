@@ -170,9 +170,23 @@ def _stop_children() -> None:
         pass
 
 
+def _forget_fixed_size() -> None:
+    """Drop COLUMNS and LINES from the environment before the UI starts.
+
+    Textual sizes the screen with ``shutil.get_terminal_size()``, which takes exported
+    COLUMNS/LINES over the terminal's own size: set once (by a script, a container, a
+    test runner), they pin the UI to that size and every resize is ignored. The UI only
+    runs on a real terminal, whose size (TIOCGWINSZ) is always the true one.
+    """
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
+
+
 def run_ui(engine, attaching_to: str, on_exit=None) -> None:
     """Run the Textual app on ``engine``; SIGTERM and SIGHUP restore the terminal and exit."""
     from flasktop.ui.app import FlasktopApp
+
+    _forget_fixed_size()
 
     app = FlasktopApp(engine, title="flasktop", attaching_to=attaching_to)
 
