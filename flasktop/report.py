@@ -78,6 +78,8 @@ def render(snap: Snapshot, width: int = 100) -> str:
                f"{sum(n for _, n in b.rejected)} rejected" + (f" ({reasons})" if reasons else "")
                + f", {b.lost} lost"
                + (f", {b.kernel_drops} dropped by the kernel" if b.kernel_drops else "")
+               + (f", {b.dropped_backlog} dropped by flasktop (it fell behind)"
+                  if b.dropped_backlog else "")
                + (f", {b.app_dropped} dropped in the app" if b.app_dropped else "")
                + (f", {b.ignored} from pids that are not workers" if b.ignored else ""))
 

@@ -21,7 +21,7 @@ import random
 import socket
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from rich.text import Text
 
@@ -153,6 +153,25 @@ def _count(snap: Snapshot, route: str) -> int:
     return sum(r.count for r in snap.routes if r.route == route)
 
 
+def _warm(engine: Engine, g: Gunicorn, path: str, pids, timeout: float = 15.0) -> Snapshot:
+    """Request ``path`` until every worker in ``pids`` has had a request counted.
+
+    A beacon that was refused (nothing listened on the port, e.g. before flasktop bound
+    it) stops sending completed requests until its once-a-second probe is heard twice:
+    requests in those 1-2 s are never sent (see the xfail test below). Warming up on a
+    route of its own keeps the counts the test checks exact."""
+    box: List[Snapshot] = []
+
+    def heard() -> bool:
+        g.get(path)
+        engine.collect()
+        box[:] = [engine.take_snapshot()]
+        served = {w.pid: w.requests_served for w in box[0].workers}
+        return all(served.get(p, 0) >= 1 for p in pids)
+    wait_until(heard, timeout=timeout, interval=0.05, message=f"every worker's beacon heard ({path})")
+    return box[0]
+
+
 def test_hostile_datagrams_are_counted_by_reason_and_poison_nothing(tmp_path, engine_for):
     udp = free_port(socket.SOCK_DGRAM)
     env = {"FLASKTOP_BEACON": f"127.0.0.1:{udp}", "PYTHONPATH": str(ROOT),
@@ -161,6 +180,7 @@ def test_hostile_datagrams_are_counted_by_reason_and_poison_nothing(tmp_path, en
         engine = engine_for(g, udp, pyspy=False)
         workers = set(g.worker_pids())
         _until(engine, lambda s: {w.pid for w in s.workers} == workers, message="the two workers")
+        _warm(engine, g, "/boom", workers)
         hostile = [(d, r) for w in sorted(workers) for d, r in hostile_datagrams(w, seed=w)]
         forged = forged_datagrams([os.getpid(), g.pid, 1, 1 << 22])
         expected = collections.Counter(r for _, r in hostile)
@@ -199,6 +219,7 @@ def test_hostile_datagrams_are_counted_by_reason_and_poison_nothing(tmp_path, en
                       and sum(n for _, n in s.beacon.rejected) >= len(hostile)
                       and s.beacon.ignored >= len(forged),
                       message="every request, reject and forged datagram counted")
+        warm = _count(snap, "/boom")
         b = snap.beacon
         assert dict(b.rejected) == dict(expected)
         assert b.received == b.accepted + sum(n for _, n in b.rejected)
@@ -206,10 +227,9 @@ def test_hostile_datagrams_are_counted_by_reason_and_poison_nothing(tmp_path, en
         assert not b.kernel_drops
         # valid traffic interleaved with all of it: every request counted, nothing invented
         assert _count(snap, "/fast/<int:n>") == REQUESTS
-        assert {r.route for r in snap.routes} == {"/fast/<int:n>"}
+        assert {r.route for r in snap.routes} == {"/fast/<int:n>", "/boom"}
         assert {w.pid for w in snap.workers} == workers
-        assert all(w.requests_served <= REQUESTS for w in snap.workers)
-        assert sum(w.requests_served for w in snap.workers) == REQUESTS
+        assert sum(w.requests_served for w in snap.workers) == REQUESTS + warm
         assert snap.routes_dropped == 0
         # still answering: the listener thread is alive, a new request is counted
         assert engine.listener is not None and engine.listener.running
@@ -246,29 +266,66 @@ def test_datagrams_before_the_first_topology_reading_are_not_trusted(tmp_path, e
         try:
             engine.open()
             forged = forged_datagrams([os.getpid(), g.pid])
+            # The worker's own requests, received before the first reading: sent here under
+            # its pid (its beacon may be in its quiet spell after the port was closed: see
+            # the xfail test below), so that their number is known exactly.
+            worker = g.worker_pids()[0]
+            early = Encoder(worker)
+            early.seq = -1  # seq 0: below what its beacon has sent, taken as late, no loss invented
+            own = early.requests(int(__import__("time").time() * 1000),
+                                 [["/early/<int:n>", "early", "GET", 200, 1500, 2, "", worker, 0]
+                                  for _ in range(5)])
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                for d in forged:
+                for d in forged + own:
                     s.sendto(d, ("127.0.0.1", udp))
-            for i in range(5):
-                assert g.get(f"/fast/{i}").status == 200
             assert engine.listener is not None
-            wait_until(lambda: engine.listener.stats().accepted >= len(forged) + 1, timeout=10,
-                       message="the forged and the real datagrams received")
+            wait_until(lambda: engine.listener.stats().accepted >= len(forged) + len(own), timeout=10,
+                       message="the forged and the worker's datagrams received")
             engine.collect()
             before = engine.take_snapshot()
-            assert not [r.route for r in before.routes if r.route.startswith("/forged")]
-            assert not {w.pid for w in before.workers} - set(g.worker_pids())
+            assert before.routes == () and before.workers == ()  # nothing folded yet
             poller_start()
-            snap = _until(engine, lambda s: _count(s, "/fast/<int:n>") >= 5
+            snap = _until(engine, lambda s: _count(s, "/early/<int:n>") >= 5
                           and s.beacon.ignored >= len(forged),
-                          message="the real requests counted and the forged ones ignored")
-            assert {r.route for r in snap.routes} == {"/fast/<int:n>"}
-            assert _count(snap, "/fast/<int:n>") == 5
+                          message="the worker's requests counted and the forged ones ignored")
+            assert not [r.route for r in snap.routes if r.route.startswith("/forged")]
+            assert _count(snap, "/early/<int:n>") == 5
             assert {w.pid for w in snap.workers} == set(g.worker_pids())
             assert snap.beacon.ignored == len(forged)
         finally:
             engine.stop()
 
+
+@pytest.mark.xfail(strict=True, reason="beacon (flasktop/beacon/_reporter.py _flush/_send/_probe): "
+                   "after flasktop stops listening and starts again on the same port (quit and rerun "
+                   "flasktop), the beacon, refused meanwhile, does not send completed requests until "
+                   "two in-flight reports have gone through: the requests of those 1-2 s are counted "
+                   "only in the app's 'unheard' (never sent to flasktop), so the new flasktop shows "
+                   "fewer requests with lost 0, no app drops and the beacon 'ok'")
+def test_requests_right_after_a_reattach_are_counted_or_reported_lost(tmp_path, engine_for):
+    udp = free_port(socket.SOCK_DGRAM)
+    env = {"FLASKTOP_BEACON": f"127.0.0.1:{udp}", "PYTHONPATH": str(ROOT),
+           "TROUBLE_RELEASE": str(tmp_path / "release")}
+    with gunicorn("trouble_app:app", "-w", "1", env=env, workers_expected=1) as g:
+        first = engine_for(g, udp, pyspy=False)
+        _until(first, lambda s: len(s.workers) == 1, message="the worker")
+        _warm(first, g, "/boom", g.worker_pids())
+        first.stop()  # flasktop quits: the port is closed
+        # the beacon reports once a second; two reports into the closed port are refused
+        gone = __import__("time").monotonic()
+        wait_until(lambda: __import__("time").monotonic() - gone > 2.5, timeout=5,
+                   message="two of the beacon's reports refused")
+        second = engine_for(g, udp, pyspy=False)  # flasktop is run again
+        _until(second, lambda s: len(s.workers) == 1, message="the worker again")
+        for i in range(20):
+            assert g.get(f"/fast/{i}").status == 200
+        # until a later request is counted: the beacon sends in order, so by then every one
+        # of the 20 it was going to send has been received
+        snap = _warm(second, g, "/boom", g.worker_pids())
+        snap = _until(second, lambda s: _count(s, "/boom") >= 1, message="a later request")
+        missing = 20 - _count(snap, "/fast/<int:n>")
+        b = snap.beacon
+        assert missing == 0 or b.lost + b.app_dropped >= missing, (missing, b)
 
 # ---------------------------------------------------------------------------------------
 # Scenario 10: text meant to attack the terminal, in every name flasktop shows
@@ -322,6 +379,16 @@ def _hang(g: Gunicorn, folder: Path) -> threading.Thread:
     return t
 
 
+def _release(folder: Path, *hangs: Optional[threading.Thread]) -> None:
+    """End the hang and wait for its request to return, so the next test starts with idle
+    workers (the worker polls for the file every 20 ms)."""
+    (folder / "release").touch()
+    for t in hangs:
+        if t is not None:
+            t.join(15)
+            assert not t.is_alive(), "the hang did not end"
+
+
 def _hit_all(g: Gunicorn) -> None:
     for rule in names.HOSTILE_ROUTES:
         assert g.get(names.request_path(rule)).status == 200, rule
@@ -342,21 +409,25 @@ def test_hostile_names_in_the_human_report_are_shown_literally(hostile):
     """``flasktop snapshot`` (human report) on stdout: markup literal, no escape byte, no
     bidi or zero-width character; the busy worker's stack names the hostile frame."""
     g, udp, folder = hostile
+    hang = None
     proc = subprocess.Popen([sys.executable, "-m", "flasktop", "snapshot", "--pid", str(g.pid),
-                             "--beacon", f"127.0.0.1:{udp}", "--seconds", "3", "--sample-interval", "0.5"],
+                             "--beacon", f"127.0.0.1:{udp}", "--seconds", "4", "--sample-interval", "0.5"],
                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         from tests.faults.test_permissions import _udp_bound
         wait_until(lambda: _udp_bound(udp) or proc.poll() is not None, timeout=20,
                    message="flasktop to listen")
-        _hit_all(g)
         _send_crafted(udp, g.worker_pids()[0])
-        _hang(g, folder)
+        hang = _hang(g, folder)
+        # every route, again and again until flasktop reports: a beacon refused before
+        # flasktop listened stays quiet for 1-2 s (see _warm), later rounds are counted
+        while proc.poll() is None:
+            _hit_all(g)
         out, err = proc.communicate(timeout=40)
     finally:
         __import__("tests.support", fromlist=["kill_tree"]).kill_tree(proc.pid)
-        (folder / "release").touch()
+        _release(folder, hang)
     assert proc.returncode == 0, err
     assert b"\x1b" not in out and b"\x07" not in out and b"\x1b" not in err
     text = out.decode("utf-8")
@@ -408,17 +479,34 @@ def test_hostile_names_in_the_textual_ui_and_json(hostile):
         if snap is None:
             return False
         busy = [w for w in snap.workers if w.state in ("busy", "stuck") and w.stack
-                and any("wait" in f for f in w.stack)]
+                and any(f.startswith(names.FUNC_NAME) for f in w.stack)]
         named = [w for w in snap.workers if any(t.name == names.THREAD_NAME for t in w.threads)]
-        return (len([r for r in snap.routes if r.count]) >= len(names.HOSTILE_ROUTES) + len(CRAFTED)
-                and bool(busy) and len(named) == 2)
+        counted = len([r for r in snap.routes if r.count])
+        state["waiting"] = (f"{counted} routes counted, busy workers with the stack: {len(busy)}, "
+                            f"workers with the named thread: {len(named)}; workers: "
+                            + "; ".join(f"{w.pid} {w.state} stack={bool(w.stack)} threads={len(w.threads)}"
+                                        for w in snap.workers)
+                            + f"; py-spy: {snap.source('pyspy')}; beacon: {snap.beacon}"
+                            + f"; routes: {[(r.route[:20], r.method, r.count) for r in snap.routes]}")
+        return counted >= len(names.HOSTILE_ROUTES) + len(CRAFTED) and bool(busy) and len(named) == 2
 
     async def scenario() -> None:
         async with app.run_test(size=(160, 50)) as pilot:
+            # every worker's beacon heard first (see _warm): then every request below counts
+            pids = set(g.worker_pids())
+            deadline = __import__("time").monotonic() + 20
+            while not (app.latest is not None and
+                       {w.pid for w in app.latest.workers if w.requests_served} >= pids):
+                assert __import__("time").monotonic() < deadline, "the workers' beacons never heard"
+                g.get("/ok")
+                await pilot.pause(0.1)
             _hit_all(g)
             _send_crafted(udp, g.worker_pids()[0])
-            _hang(g, folder)
-            await _wait_app(pilot, ready, 30, "all routes, the hang's stack and the thread names")
+            hangs.append(_hang(g, folder))
+            try:
+                await _wait_app(pilot, ready, 30, "all routes, the hang's stack and the thread names")
+            except AssertionError as e:
+                raise AssertionError(f"{e}: {state.get('waiting')}") from None
             await pilot.pause()
             snap = app.latest
             state["snap"] = snap
@@ -438,7 +526,8 @@ def test_hostile_names_in_the_textual_ui_and_json(hostile):
             assert "\x1b" not in svg and "\u202e" not in svg
             assert "GET /[/]" in __import__("html").unescape(svg).replace("\xa0", " ")
             # drill into the hung worker: thread names and frames, inert
-            hung = next(w for w in snap.workers if w.state in ("busy", "stuck") and w.stack)
+            hung = next(w for w in snap.workers
+                        if w.stack and any(f.startswith(names.FUNC_NAME) for f in w.stack))
             memory = app.screen.query_one(MemoryTable)
             memory.focus()
             mkeys = [str(r.key.value) for r in memory.ordered_rows]
@@ -459,11 +548,12 @@ def test_hostile_names_in_the_textual_ui_and_json(hostile):
             assert len(app.render_errors) <= 1, app.render_errors
         state["stopped"] = True
 
+    hangs: List[threading.Thread] = []
     try:
         asyncio.run(scenario())
     finally:
         engine.stop()
-        (folder / "release").touch()
+        _release(folder, *hangs)
     assert state.get("stopped")
     # JSON: valid, no raw ESC, and every string preserved exactly as received
     snap = state["snap"]
