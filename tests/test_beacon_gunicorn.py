@@ -184,3 +184,26 @@ def test_responses_are_byte_for_byte_the_same_with_the_beacon_and_nobody_listeni
     finally:
         plain.stop()
         beacon.stop()
+
+
+def test_a_request_killed_by_the_timeout_keeps_its_route(tmp_path: Path) -> None:
+    """gunicorn's SIGABRT ends the view with SystemExit, before start_response and after
+    Flask forgot the request: the route must still be the template, not <unmatched>."""
+    release = tmp_path / "release"
+    with Receiver() as rx:
+        env = {"FLASKTOP_BEACON": rx.address, "TROUBLE_RELEASE": str(release),
+               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        with gunicorn("trouble_app:app", "-w", "1", "--timeout", "3", env=env,
+                      workers_expected=1) as g:
+            in_background(lambda: _get_quietly(g, "/hang"))
+            killed = rx.wait(lambda r: [q for _, q in r.requests() if q.exc == "SystemExit"],
+                             timeout=20)
+            assert [q.route for q in killed] == ["/hang"]
+            assert killed[0].duration_s >= 2.5
+
+
+def _get_quietly(g: Gunicorn, path: str) -> None:
+    try:
+        g.get(path, timeout=30)
+    except OSError:
+        pass  # the worker is killed under the request

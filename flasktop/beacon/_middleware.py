@@ -167,7 +167,11 @@ def _unmatched(rec: list) -> None:
 
 
 def _end(rec: list) -> None:
-    """Stamp the end of a request that did not end through _Response.close()."""
+    """Stamp the end of a request that did not end through _Response.close().
+
+    An exception that escapes the app skips start_response; the flusher's in-flight
+    report has kept the matched rule of any request that ran for a while.
+    """
     if rec[7] is None and rec[1] is not None:
         _unmatched(rec)
     rec[1] = None

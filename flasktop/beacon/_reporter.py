@@ -361,6 +361,13 @@ class Reporter:
             try:
                 environ = rec[ENVIRON]
                 route, endpoint = _live_route(environ)
+                if rec[RULE] is None:
+                    # Keep the matched rule: a request that dies by an exception Flask does
+                    # not catch (gunicorn's timeout SIGABRT raises SystemExit) never reaches
+                    # start_response, and Flask forgets the request before we see it end.
+                    rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+                    if rule is not None:
+                        rec[RULE] = rule
                 age = int((now - rec[T0]) * 1e6)
                 age = 0 if age < 0 else (age if age < _MAX_DUR_US else _MAX_DUR_US)
                 tid = rec[TID] if 0 < rec[TID] < _MAX_TID else 1
