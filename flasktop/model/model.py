@@ -304,6 +304,10 @@ class Model:
 
     def _pend(self, w: WorkerState, tid: int, t: float, frames: Tuple[str, ...], cut: int) -> None:
         """Queue one sampled thread for joining with the request it was serving."""
+        if cut >= 0:
+            w.request_frames_seen = True
+        elif w.request_frames_seen:
+            return  # between requests (a sample taken as one ended): not the route's time
         f = running_at(w.inflight.get(tid), t)
         done = w.last_done.get(tid)
         if cut < 0 and f is None and done is None:

@@ -65,6 +65,19 @@ def test_late_completion_claims_the_sample_it_covers() -> None:
                                               "get_order (app.py:11)": (1, 0)}
 
 
+def test_a_sample_between_requests_is_not_the_routes_time() -> None:
+    """Timing says the request was running; the stack says gunicorn's idle loop (the
+    sample was taken as the request ended): once the worker showed request frames, the
+    stack wins, so server frames never become a route's hot frames."""
+    m = attached()
+    m.feed(sample(7, T0 + 1.0, [(7, app_frames("render"))]), T0 + 1.0)
+    m.feed(sample(7, T0 + 1.8, [(7, IDLE_FRAMES)]), T0 + 1.8)
+    m.feed(done(7, T0 + 2.4, [req("/orders/<int:oid>", 1.2, T0 + 1.9, tid=7)]), T0 + 2.4)
+    m.feed(tick(T0 + 6, [proc(7, T0 + 6)]), T0 + 6)
+    h = hot(m.snapshot(T0 + 6), "/orders/<int:oid>")
+    assert h == {"render (app.py:10)": (1, 1)}
+
+
 def test_completion_already_folded_when_the_sample_arrives() -> None:
     m = attached()
     m.feed(done(7, T0 + 2, [req("/a", 1.0, T0 + 1.9, tid=7)]), T0 + 2)
