@@ -71,8 +71,9 @@ def test_a_sample_between_requests_is_not_the_routes_time() -> None:
     stack wins, so server frames never become a route's hot frames."""
     m = attached()
     m.feed(sample(7, T0 + 1.0, [(7, app_frames("render"))]), T0 + 1.0)
-    m.feed(sample(7, T0 + 1.8, [(7, IDLE_FRAMES)]), T0 + 1.8)
-    m.feed(done(7, T0 + 2.4, [req("/orders/<int:oid>", 1.2, T0 + 1.9, tid=7)]), T0 + 2.4)
+    m.feed(done(7, T0 + 2.0, [req("/orders/<int:oid>", 1.2, T0 + 1.9, tid=7)]), T0 + 2.0)
+    # arrives after the completion, dated inside it, but the thread is already idle
+    m.feed(sample(7, T0 + 1.85, [(7, IDLE_FRAMES)]), T0 + 2.1)
     m.feed(tick(T0 + 6, [proc(7, T0 + 6)]), T0 + 6)
     h = hot(m.snapshot(T0 + 6), "/orders/<int:oid>")
     assert h == {"render (app.py:10)": (1, 1)}
