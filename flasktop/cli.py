@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import List, Optional, Sequence, Tuple
 
 from flasktop import __version__

@@ -157,7 +157,7 @@ def test_hup_and_ttin_ttou_leave_exactly_the_live_workers(tmp_path, engine_for):
         _until(engine, lambda s: len(s.workers) == 2, message="two workers")
         before = set(g.worker_pids())
         g.signal(signal.SIGHUP)
-        snap = _until(engine, lambda s: {w.pid for w in s.workers} == set(g.worker_pids())
+        _until(engine, lambda s: {w.pid for w in s.workers} == set(g.worker_pids())
                       and not ({w.pid for w in s.workers} & before) and len(s.workers) == 2,
                       message="the reloaded workers only")
         # churn is classified once it settles (a reload is many exits and starts in a burst)

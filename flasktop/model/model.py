@@ -621,7 +621,6 @@ class Model:
                                            Dict[RouteKey, Tuple[int, int, float]]]:
         """Route views (most busy time first), each route's usual p95 (s), window counts."""
         cfg = self.cfg
-        sk = self._sk
         rows = []
         usual: Dict[RouteKey, float] = {}
         counts: Dict[RouteKey, Tuple[int, int, float]] = {}

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import List, Set
 
 import psutil
-import pytest
 
 from flasktop.model import ModelConfig
 from flasktop.report import render
