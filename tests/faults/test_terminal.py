@@ -157,17 +157,9 @@ class Tmux:
         self.run("kill-server", check=False)
         if self.server_pid is not None:
             kill_tree(self.server_pid)
-
-
-@pytest.fixture
-def tmux() -> Iterator[Tmux]:
-    if TMUX is None:
-        pytest.skip("tmux is not installed")
-    t = Tmux()
-    try:
-        yield t
-    finally:
-        t.kill()
+        folder = os.path.join(os.environ.get("TMUX_TMPDIR") or "/tmp", f"tmux-{os.getuid()}")
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, self.sock))  # the socket file of our own server
 
 
 def _command(g: Gunicorn, rc: Path, unset: Tuple[str, ...] = (), **env: str) -> str:
