@@ -70,8 +70,8 @@ class FlasktopApp(App[None]):
         self.pending = 0
         screen = self.screen
         show = getattr(screen, "show", None)
-        if show is None:
-            return
+        if show is None or not getattr(screen, "ready", False):
+            return  # not composed yet: its on_mount renders self.snapshot
         with self.batch_update():
             try:
                 show(snap)

@@ -298,6 +298,8 @@ def _sorted(items: Sequence[Any], sorts: Sequence[Tuple[str, Callable[[Any], Any
 class OverviewScreen(Screen[None]):
     """Everything at once; Enter drills into the highlighted route or worker."""
 
+    ready = False  # set once composed; the app holds snapshots that arrive before
+
     AUTO_FOCUS = "#routes"
     BINDINGS: ClassVar[List[BindingType]] = [
         Binding("slash", "filter", "Filter"),
@@ -346,6 +348,7 @@ class OverviewScreen(Screen[None]):
         self.query_one("#filter-bar").display = False
         self.query_one(RoutesTable).set_sort(*self.route_sort)
         self.query_one(MemoryTable).set_sort(*self.memory_sort)
+        self.ready = True
         self.show(self.app_snapshot())
 
     def app_snapshot(self) -> Optional[Snapshot]:

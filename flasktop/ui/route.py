@@ -74,6 +74,8 @@ def route_title(r: RouteView, app: object, gone: bool) -> Text:
 class RouteScreen(Screen[None]):
     """One route; keeps its last data if the route stops being reported."""
 
+    ready = False  # set once composed; the app holds snapshots that arrive before
+
     BINDINGS: ClassVar[List[BindingType]] = [Binding("escape", "back", "Back")]
     AUTO_FOCUS = "#slowest"
 
@@ -104,6 +106,7 @@ class RouteScreen(Screen[None]):
         self.query_one("#dist-pane").border_title = "Distribution since attach"
         self.query_one("#slowest-pane").border_title = "Slowest recent requests"
         self.query_one("#frames-pane").border_title = "Hot frames while it ran"
+        self.ready = True
         self.show(getattr(self.app, "snapshot", None))
 
     def on_screen_resume(self) -> None:

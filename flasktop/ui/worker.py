@@ -148,6 +148,8 @@ def worker_title(w: WorkerView, now: float, app: object, gone: bool) -> Text:
 class WorkerScreen(Screen[None]):
     """One worker; the app tells the feed to sample it faster while this screen is on top."""
 
+    ready = False  # set once composed; the app holds snapshots that arrive before
+
     BINDINGS: ClassVar[List[BindingType]] = [Binding("escape", "back", "Back")]
     AUTO_FOCUS = "#body"
 
@@ -181,6 +183,7 @@ class WorkerScreen(Screen[None]):
         self.query_one("#fd-pane").border_title = "Open file descriptors"
         self.query_one("#served-pane").border_title = "Requests served"
         self.query_one("#wevents-pane").border_title = "Events"
+        self.ready = True
         self.show(getattr(self.app, "snapshot", None))
 
     def on_screen_resume(self) -> None:

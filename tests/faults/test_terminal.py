@@ -279,11 +279,6 @@ def test_tmux_no_color_emits_no_colour_codes(tmux_runs):
     assert _colour_codes(tmux_runs["nocolor"]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="ui (flasktop/ui/app.py on_mount/_show_snapshot): a snapshot "
-                   "that arrives before the overview has composed its tables (a real Engine's first "
-                   "one does, ~60 ms after start) fails with NoMatches('RoutesTable'), recorded in "
-                   "render_errors and shown to the user as a 'display error' notification at "
-                   "every start")
 def test_first_snapshot_delivered_at_start_renders_without_error(app):
     from flasktop.engine import Engine
     from flasktop.ui.app import FlasktopApp
