@@ -9,40 +9,25 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Span, Text
 
+from flasktop.textsafe import sanitize
+
 PLACEHOLDER = "\ufffd"
 DASH = "—"
 ELLIPSIS = "…"
 
 
-def _build_table() -> Dict[int, str]:
-    table: Dict[int, str] = {}
-    for c in range(0x20):
-        table[c] = chr(0x2400 + c)  # control pictures: ␀ … ␛ … ␟
-    table[0x7F] = "\u2421"  # ␡
-    unsafe = list(range(0x80, 0xA0))  # C1 controls
-    unsafe += [0x061C, 0x180E, 0x2028, 0x2029, 0xFEFF]
-    unsafe += list(range(0x200B, 0x2010))  # zero-width space/joiners, LRM, RLM
-    unsafe += list(range(0x202A, 0x202F))  # bidi embeddings and overrides
-    unsafe += list(range(0x2060, 0x2070))  # word joiner, invisible operators, bidi isolates
-    unsafe += list(range(0xD800, 0xE000))  # lone surrogates (surrogateescape)
-    unsafe += list(range(0xFFF9, 0xFFFC))  # interlinear annotation controls
-    for c in unsafe:
-        table[c] = PLACEHOLDER
-    return table
-
-
-_TRANSLATE = _build_table()
+# C0 controls and DEL as their visible control pictures (ESC shows as ␛); everything
+# else unsafe is flasktop.textsafe's one definition, shared with the text report.
+_PICTURES: Dict[int, str] = {c: chr(0x2400 + c) for c in range(0x20)}
+_PICTURES[0x7F] = "\u2421"  # ␡
 
 
 def clean(s: object, limit: int = 200) -> str:
-    """`s` as a str without control, bidi or zero-width characters, at most `limit` cells long."""
+    """`s` as a str without control, bidi, format or zero-width characters, at most `limit` long."""
     text = s if isinstance(s, str) else str(s)
     if len(text) > limit * 4:
         text = text[: limit * 4]
-    text = text.translate(_TRANSLATE)
-    if len(text) > limit:
-        text = text[: max(0, limit - 1)] + ELLIPSIS
-    return text
+    return sanitize(text.translate(_PICTURES), limit)
 
 
 def safe_text(s: object, limit: int = 200, style: str = "") -> Text:

@@ -593,10 +593,6 @@ def test_report_sanitizer_replaces_every_invisible_format_character():
         assert _unsafe(shown) == [] and PLACEHOLDER in shown, (label, shown)
 
 
-@pytest.mark.xfail(strict=True, reason="ui (flasktop/ui/text.py clean): only a fixed list of format "
-                   "characters is replaced; the invisible TAG block U+E0000-U+E007F and U+00AD SOFT "
-                   "HYPHEN pass through to the screen, so '/admin' + TAG characters shows as '/admin'. "
-                   "flasktop/textsafe.py (the report) now replaces every Cc/Cf/Cs/Zl/Zp character")
 def test_ui_shows_every_invisible_format_character_as_a_placeholder():
     from flasktop.ui.text import safe_text
 
