@@ -375,8 +375,10 @@ class Reporter:
                              _METHODS.get(rec[METHOD], "OTHER"), tid, age])
             except Exception:  # noqa: BLE001
                 continue
+        # "dropped" on the wire: every ended request that never went out, the buffer
+        # being full or nobody listening; a flasktop that re-attaches sees the gap.
         for data in self.encoder.inflight(t_ms, rows, max(len(snap), len(rows)),
-                                          self.dropped, self.send_errors):
+                                          self.dropped + self.unheard, self.send_errors):
             self._probe(data)
 
     def _evict(self) -> None:

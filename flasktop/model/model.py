@@ -132,6 +132,10 @@ class Model:
                 fresh.setdefault(f.tid, []).append(f)
                 n += 1
             w.inflight = fresh
+            if w.dropped < 0:
+                # first report: what a worker that predates us dropped before we listened
+                # is not ours to count; a worker born since, we watched all along
+                w.dropped = dg.dropped if w.pre_attach else 0
             if dg.dropped > w.dropped:
                 self._app_dropped += dg.dropped - w.dropped
                 w.dropped = dg.dropped

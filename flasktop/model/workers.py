@@ -69,7 +69,7 @@ class WorkerState:
         self.inflight: Dict[int, List[InFlight]] = {}
         self.inflight_t = 0.0  # beacon time of the in-flight report in use
         self.beacon_t: Optional[float] = None  # when we last heard from its beacon
-        self.dropped = 0
+        self.dropped = -1  # the beacon's cumulative drop count; -1 until its first report
         self.recent: Deque[Request] = deque(maxlen=recent)
         self.served = 0
         self.long: Optional[Request] = None  # the latest completion long enough to be a kill

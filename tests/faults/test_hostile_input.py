@@ -296,12 +296,6 @@ def test_datagrams_before_the_first_topology_reading_are_not_trusted(tmp_path, e
             engine.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="beacon (flasktop/beacon/_reporter.py _flush/_send/_probe): "
-                   "after flasktop stops listening and starts again on the same port (quit and rerun "
-                   "flasktop), the beacon, refused meanwhile, does not send completed requests until "
-                   "two in-flight reports have gone through: the requests of those 1-2 s are counted "
-                   "only in the app's 'unheard' (never sent to flasktop), so the new flasktop shows "
-                   "fewer requests with lost 0, no app drops and the beacon 'ok'")
 def test_requests_right_after_a_reattach_are_counted_or_reported_lost(tmp_path, engine_for):
     udp = free_port(socket.SOCK_DGRAM)
     env = {"FLASKTOP_BEACON": f"127.0.0.1:{udp}", "PYTHONPATH": str(ROOT),

@@ -34,15 +34,21 @@ def test_beacon_waits_then_is_ok_then_degraded_by_losses_then_silence() -> None:
     assert st == "degraded" and "no datagram for 21 s" in detail
 
 
-def test_app_side_drops_are_summed_and_degrade_the_beacon() -> None:
+def test_app_side_drops_since_attach_are_summed_and_degrade_the_beacon() -> None:
+    """The beacon's count is cumulative: for workers that predate flasktop, their first
+    report is the baseline (what they dropped while nobody watched is not ours); a worker
+    born since was watched all along, so all of its count is."""
     m = model()
     m.feed(tick(T0, [proc(7, T0), proc(8, T0)]), T0)
     m.feed(flying(7, T0 + 1, [], dropped=5), T0 + 1)
     m.feed(flying(8, T0 + 1, [], dropped=2), T0 + 1)
     m.feed(flying(7, T0 + 2, [], dropped=9), T0 + 2)
+    m.feed(tick(T0 + 2, [proc(7, T0 + 2), proc(8, T0 + 2), proc(9, T0 + 2, created=T0 + 1.5)]),
+           T0 + 2)
+    m.feed(flying(9, T0 + 2, [], dropped=3), T0 + 2)
     m.feed(stats(T0 + 2), T0 + 2)
     snap = m.snapshot(T0 + 2)
-    assert snap.beacon.app_dropped == 11
+    assert snap.beacon.app_dropped == (9 - 5) + 3
     assert snap.beacon.rejected == (("bad_json", 2),) and snap.beacon.last_heard_s == 0.0
     assert snap.source("beacon").state == "degraded"
     assert snap.to_dict()["sources"]["beacon"]["rejected"] == {"bad_json": 2}
