@@ -6,6 +6,7 @@ from typing import ClassVar, List, Optional, Tuple
 
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.filter import Monochrome, NoColor
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 
@@ -45,6 +46,11 @@ class FlasktopApp(App[None]):
         self.render_errors: List[str] = []
         self._focused_pid: Optional[int] = None
         self._feed_stopped = False
+        if self.no_color:
+            # NO_COLOR asks for no colour codes at all; Textual's default filter for it
+            # (Monochrome) still paints 256-colour greys over the terminal's own colours.
+            # Its NoColor filter emits none; our marks stay visible as bold/underline.
+            self._filters = [NoColor() if isinstance(f, Monochrome) else f for f in self._filters]
 
     def get_default_screen(self) -> Screen:
         return OverviewScreen(self.attaching_to, self.title)

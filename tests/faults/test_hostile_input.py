@@ -158,7 +158,8 @@ def _warm(engine: Engine, g: Gunicorn, path: str, pids, timeout: float = 15.0) -
 
     A beacon that was refused (nothing listened on the port, e.g. before flasktop bound
     it) stops sending completed requests until its once-a-second probe is heard twice:
-    requests in those 1-2 s are never sent (see the xfail test below). Warming up on a
+    requests in those 1-2 s are never sent, only counted as dropped in the app (see the
+    re-attach test below). Warming up on a
     route of its own keeps the counts the test checks exact."""
     box: List[Snapshot] = []
 
@@ -268,7 +269,7 @@ def test_datagrams_before_the_first_topology_reading_are_not_trusted(tmp_path, e
             forged = forged_datagrams([os.getpid(), g.pid])
             # The worker's own requests, received before the first reading: sent here under
             # its pid (its beacon may be in its quiet spell after the port was closed: see
-            # the xfail test below), so that their number is known exactly.
+            # the re-attach test below), so that their number is known exactly.
             worker = g.worker_pids()[0]
             early = Encoder(worker)
             early.seq = -1  # seq 0: below what its beacon has sent, taken as late, no loss invented

@@ -83,7 +83,7 @@ def _snapshot_as_nobody(python: str, g: Gunicorn, udp: int, seconds: float, as_j
     """Run ``flasktop snapshot`` as nobody; once it listens, make requests until it reports.
 
     Requests go on for the whole window: a beacon that was refused before flasktop listened
-    sends nothing for 1-2 s (tests/faults/test_hostile_input.py, the re-attach xfail), so
+    sends nothing for 1-2 s (tests/faults/test_hostile_input.py, the re-attach test), so
     only a bound can be checked here: some counted, none invented."""
     cmd = [*NOBODY, python, "-m", "flasktop", "snapshot", "--pid", str(g.pid),
            "--beacon", f"127.0.0.1:{udp}", "--seconds", str(seconds), "--sample-interval", "0.5"]

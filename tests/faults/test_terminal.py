@@ -10,10 +10,9 @@
   down to 10x3 and up to 200x60): the process stays alive, redraws the overview at the
   size it ends at, and quits with status 0 on ``q``.
 
-What Textual emits under NO_COLOR (Textual 8.2.8, measured with ``tmux capture-pane -e``):
-its Monochrome filter turns every colour into a grey of the 256-colour ramp, foreground
-*and background* (``38;5;253``, ``48;5;235`` ...). No hue, but still colour codes: see the
-strict xfail below.
+Under NO_COLOR, Textual's own Monochrome filter paints 256-colour greys (``38;5;253``,
+``48;5;235``); the app swaps in Textual's NoColor filter, and the test below checks that
+no colour code reaches the terminal.
 """
 
 from __future__ import annotations
@@ -271,10 +270,6 @@ def test_tmux_no_color_has_no_hue(tmux_runs):
     assert "\x1b]" not in tmux_runs["nocolor"]  # no OSC (hyperlinks, titles) either
 
 
-@pytest.mark.xfail(strict=True, reason="ui (flasktop/ui/app.py, Textual's NO_COLOR handling): with "
-                   "NO_COLOR=1 the UI still sets 256-colour foreground and background greys "
-                   "(38;5;253, 48;5;235 ...: Textual's Monochrome filter), overriding the "
-                   "terminal's own colours; NO_COLOR asks for no colour codes at all")
 def test_tmux_no_color_emits_no_colour_codes(tmux_runs):
     assert _colour_codes(tmux_runs["nocolor"]) == []
 
