@@ -422,6 +422,10 @@ class Model:
         views = self._inflight_views(w, tick.t)
         oldest = views[0] if views else None
         hb = w.stats.heartbeat_age_s if w.stats is not None else None
+        if hb is not None:
+            # read at the last poll; by the tick that finds it gone it is that much older
+            # (gunicorn kills only past the timeout, so a short --timeout needs this)
+            hb += max(0.0, tick.t - w.stats.t)
         born = w.create_time if w.create_time >= 0 else w.first_seen
         route, method, age, tid = None, "", None, None
         if oldest is not None:

@@ -55,6 +55,19 @@ def test_stale_heartbeat_without_beacon_is_a_timeout_kill() -> None:
     assert kinds(m, T0 + 35) == ["timeout_killed", "started"]
 
 
+def test_short_timeout_kill_without_beacon_ages_the_last_heartbeat() -> None:
+    """--timeout 3: the last poll read the heartbeat at 2 s (under 0.8 x 3); the worker was
+    killed past 3 s and found gone 1.2 s after that poll: still a timeout kill."""
+    m = model()
+    conf = gconf(timeout=3.0)
+    born = {9: T0 + 3}
+    for i in range(3):
+        run(m, T0 + i, [7], born, conf, heartbeat_age_s=float(i))
+    for t in (T0 + 3.2, T0 + 4.2, T0 + 5.2, T0 + 6.2, T0 + 7.2):
+        run(m, t, [9], born, conf)
+    assert kinds(m, T0 + 8) == ["timeout_killed", "started"]
+
+
 def test_hup_reload_is_one_event() -> None:
     m = model()
     old, new = [1, 2, 3, 4], [11, 12, 13, 14]
