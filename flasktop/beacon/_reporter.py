@@ -37,6 +37,11 @@ REPORT_INTERVAL = 1.0  # seconds between in-flight reports (the heartbeat)
 REPORT_ROWS = 96  # at most this many in-flight rows are encoded (oldest first)
 CACHE_CAP = 4096  # entries in each label / rule / status cache
 CHUNK = 4096  # ended requests encoded per pass
+# While nobody listens, the last few seconds of ended requests are held (not encoded) and
+# sent when a listener answers: a flasktop that just bound its port (the beacon needs one
+# to two in-flight reports to notice) loses none of them. Older ones are counted unheard.
+HOLD_S = 5.0
+HOLD_CAP = 20_000
 _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per datagram
 
 # A record is a plain list, the cheapest thing to build on the request path. SIZE is
@@ -93,7 +98,8 @@ class Reporter:
         self.send_errors = 0
         self.sent = 0
         self.reported = 0
-        self.unheard = 0  # ended requests not encoded because nobody was listening
+        self.unheard = 0  # ended requests never sent: nobody listened while they were held
+        self.held: Deque[list] = deque()  # ended while nobody listened, newest HOLD_S seconds
         self.listening = True  # until the kernel refuses a datagram
         self.probed = False
         self.running = False
@@ -196,11 +202,19 @@ class Reporter:
                 running = list(compress(batch, map(not_, ends)))
                 flights.update(zip(map(id, running), running))
             ended += done
+        held = self.held
         if self.listening:
+            if held:
+                ended = list(held) + ended
+                held.clear()
             for i in range(0, len(ended), CHUNK):
                 self._send_requests(ended[i:i + CHUNK])
-        else:  # nobody listens (the kernel said so): not worth encoding
-            self.unheard += len(ended)
+        else:  # nobody listens (the kernel said so): hold, don't encode
+            held.extend(ended)
+            horizon = time.perf_counter() - HOLD_S
+            while held and (len(held) > HOLD_CAP or held[0][T1] < horizon):
+                held.popleft()
+                self.unheard += 1
         if len(flights) > INFLIGHT_CAP:
             self._evict()
         now = time.perf_counter()
@@ -435,9 +449,10 @@ class Reporter:
             self.probed = self._send(data)  # the refusal was for the last probe: resend
 
     def stats(self) -> Dict[str, int]:
-        """Counters: datagrams sent, requests reported / not encoded (nobody listening) /
-        dropped (queue full), send errors, queue sizes."""
+        """Counters: datagrams sent, requests reported / never sent (nobody listened) /
+        held (nobody listening yet) / dropped (queue full), send errors, queue sizes."""
         return {"sent": self.sent, "reported": self.reported, "unheard": self.unheard,
+                "held": len(self.held),
                 "listening": int(self.listening), "dropped": self.dropped,
                 "send_errors": self.send_errors, "queued": len(self.started),
                 "inflight": len(self.flights), "pid": self.encoder.pid}
