@@ -616,3 +616,23 @@ print(sorted(t.name for t in threading.enumerate() if t.daemon))
             proc.wait()
     assert proc.returncode == 0 and "flasktop-beacon" in out
     rx.wait_requests(protocol.UNMATCHED, 1)
+
+
+def test_nobody_listening_for_long_keeps_every_store_bounded() -> None:
+    """Hours with no listener, compressed: many requests with nothing bound to the port.
+    What the beacon keeps stays within its caps, and the app's answers never change."""
+    port = free_udp_port()
+    app, beacon = beacon_app(f"127.0.0.1:{port}")
+    expected = call(app, "/orders/1")
+    for i in range(30_000):
+        assert call(app, f"/orders/{i}")[0] == expected[0]
+        if i % 5000 == 0:
+            beacon.flush()
+    beacon.flush()
+    stats = beacon.stats()
+    assert stats["listening"] == 0
+    assert stats["held"] <= _reporter.HOLD_CAP and stats["queued"] <= _reporter.QUEUE_CAP
+    assert stats["inflight"] == 0
+    assert stats["reported"] + stats["unheard"] + stats["held"] + stats["dropped"] >= 30_000
+    reporter = beacon.middleware.reporter
+    assert len(reporter.labels) <= _reporter.CACHE_CAP and len(reporter.rules) <= _reporter.CACHE_CAP

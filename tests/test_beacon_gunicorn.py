@@ -207,3 +207,22 @@ def _get_quietly(g: Gunicorn, path: str) -> None:
         g.get(path, timeout=30)
     except OSError:
         pass  # the worker is killed under the request
+
+
+def test_a_stream_the_client_abandons_ends_once_and_leaves_nothing_in_flight() -> None:
+    """A thread-heavy gthread worker; the client reads the first chunk of a 2 s stream and
+    hangs up. The request must be reported once, as ended, and leave no in-flight entry."""
+    with Receiver() as rx, gunicorn("beacon_app:app", "-k", "gthread", "--threads", "64",
+                                    "-w", "1", workers_expected=1,
+                                    env={"FLASKTOP_BEACON": rx.address}) as g:
+        assert g.get("/").status == 200
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+            s.sendall(b"GET /stream/20 HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: b"chunk 0" in s.recv(4096), timeout=10, message="the first chunk")
+        # gunicorn finds the client gone at its next write and closes the response
+        [(pid, done)] = rx.wait_requests("/stream/<int:chunks>", 1, timeout=15)
+        assert pid == g.worker_pids()[0] and done.duration_s < 2.0  # ended early, not at 2 s
+        rx.wait(lambda r: [d for d in r.datagrams() if d.kind == "f" and d.pid == pid
+                           and d.t > done.end + 0.5 and d.inflight_total == 0],
+                timeout=10, message="an in-flight report with nothing left running")
+        assert g.get("/").status == 200
