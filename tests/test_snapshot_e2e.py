@@ -252,3 +252,52 @@ def test_bad_arguments_exit_2_without_traceback(args):
     r = _cli("snapshot", *(["--pid", "1"] if "--pid" not in args else []), *args)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip()
+
+
+def test_a_leaking_route_is_named_and_steady_traffic_is_not(tmp_path):
+    """The leak verdict on a real worker, with the fit's windows shortened to seconds (the
+    default needs a minute of data): steady fast traffic first (no verdict), then a route
+    that keeps memory alive on every request (a verdict naming it)."""
+    from flasktop.model import ModelConfig
+
+    udp = free_port(socket.SOCK_DGRAM)
+    cfg = ModelConfig(leak_warmup_s=2.0, leak_min_span_s=6.0, leak_min_points=6,
+                      leak_window_s=60.0, leak_route_delay_s=1.0)
+    with gunicorn("trouble_app:app", "-w", "1", env={**_env(tmp_path, udp),
+                                                     "TROUBLE_LEAK_CHUNK": str(128 * 1024)},
+                  workers_expected=1) as g:
+        engine = Engine(g.pid, beacon=("127.0.0.1", udp), refresh=0.5, pyspy=False, config=cfg)
+        engine.open()
+        try:
+            stop = threading.Event()
+
+            def steady(path: str) -> None:
+                while not stop.is_set():
+                    g.get(path.format(n=1))
+                    stop.wait(0.02)
+
+            t = threading.Thread(target=steady, args=("/fast/{n}",), daemon=True)
+            t.start()
+            t_end = time.monotonic() + 10
+            while time.monotonic() < t_end:
+                engine.collect()
+                snap = engine.take_snapshot()
+                assert not any(w.leak_suspected for w in snap.workers), snap.workers
+                time.sleep(0.5)
+            stop.set()
+            t.join(10)
+            stop.clear()
+            t = threading.Thread(target=steady, args=("/leak",), daemon=True)
+            t.start()
+            snap = _until(engine, lambda s: any(w.leak_suspected for w in s.workers), timeout=40,
+                          message="a leak verdict")
+            stop.set()
+            t.join(10)
+            [w] = snap.workers
+            assert w.growth_mb_per_min is not None and w.growth_mb_per_min > 10
+            assert any(p.kind == "memory_leak" and p.pid == w.pid for p in snap.problems)
+            snap = _until(engine, lambda s: s.workers[0].leak_routes, timeout=15,
+                          message="the routes that ran while memory grew")
+            assert snap.workers[0].leak_routes[0][0] == "/leak", snap.workers[0].leak_routes
+        finally:
+            engine.stop()
