@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import pty
 import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +89,14 @@ def measure_self(box: list):
     return during
 
 
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 65536):
+            pass
+    except OSError:
+        pass
+
+
 def cpu_self() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -123,9 +133,15 @@ def main() -> None:
             engine.stop()
             rows.append(("flasktop", rate, box[0]))
             # py-spy top on the same workers
+            # py-spy top needs a terminal (it exits at once without one): give it a pty and
+            # drain what it draws
+            master_fd, slave_fd = pty.openpty()
             top = subprocess.Popen([pyspy, "top", "--pid", str(g.pid), "--subprocesses"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdout=slave_fd, stderr=slave_fd, stdin=slave_fd,
+                                   start_new_session=True)
+            os.close(slave_fd)
+            drain = threading.Thread(target=_drain, args=(master_fd,), daemon=True)
+            drain.start()
             try:
                 ps = psutil.Process(top.pid)
                 time.sleep(1.0)
@@ -136,9 +152,11 @@ def main() -> None:
                 cpu = ((ct1.user + ct1.system + ct1.children_user + ct1.children_system)
                        - (ct0.user + ct0.system + ct0.children_user + ct0.children_system)) \
                     / (time.monotonic() - t0) * 100
+                assert top.poll() is None, "py-spy top exited: it did not watch"
             finally:
                 top.kill()
                 top.wait()
+                os.close(master_fd)
             rows.append(("py-spy top", rate, cpu))
     finally:
         g.stop()
