@@ -171,3 +171,16 @@ def in_background(fn: Callable[[], object]) -> "subprocess.Popen | object":
     th = threading.Thread(target=fn, daemon=True)
     th.start()
     return th
+
+
+def snapshot_until(engine: "object", cond: Callable[[object], object], timeout: float = 20.0,
+                   message: str = "", interval: float = 0.25) -> "object":
+    """Collect with a real Engine until ``cond(snapshot)`` holds; return that snapshot."""
+    box: List[object] = []
+
+    def check() -> bool:
+        engine.collect()  # type: ignore[attr-defined]
+        box[:] = [engine.take_snapshot()]  # type: ignore[attr-defined]
+        return bool(cond(box[0]))
+    wait_until(check, timeout=timeout, interval=interval, message=message)
+    return box[0]

@@ -11,13 +11,12 @@ import threading
 import time
 import socket
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
 
 from flasktop.engine import Engine
 from flasktop.model.snapshot import Snapshot
-from tests.support import Gunicorn, free_port, gunicorn, wait_until
+from tests.support import Gunicorn, free_port, gunicorn, snapshot_until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,31 +50,7 @@ def _hang(g: Gunicorn) -> threading.Thread:
     return t
 
 
-@pytest.fixture
-def engine_for() -> Iterator:
-    made: List[Engine] = []
-
-    def make(g: Gunicorn, udp: int, **kw: object) -> Engine:
-        e = Engine(g.pid, beacon=("127.0.0.1", udp), refresh=0.5, sample_interval=0.5, **kw)
-        made.append(e)
-        e.open()
-        return e
-    yield make
-    for e in made:
-        e.stop()
-
-
-def _until(engine: Engine, cond, timeout: float = 20.0, message: str = "") -> Snapshot:
-    """Collect until ``cond(snapshot)`` holds; returns that snapshot."""
-    box: List[Snapshot] = []
-
-    def check() -> bool:
-        engine.collect()
-        snap = engine.take_snapshot()
-        box[:] = [snap]
-        return bool(cond(snap))
-    wait_until(check, timeout=timeout, interval=0.25, message=message)
-    return box[0]
+_until = snapshot_until  # collect until the condition holds on a snapshot
 
 
 def _route(snap: Snapshot, route: str):

@@ -15,13 +15,14 @@ thread is alive and the engine still snapshots afterwards.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import random
 import socket
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from rich.text import Text
 
@@ -31,7 +32,7 @@ from flasktop.engine import Engine
 from flasktop.model.snapshot import Snapshot
 from flasktop.protocol import Encoder
 from flasktop.report import render
-from tests.support import Gunicorn, free_port, gunicorn, wait_until
+from tests.support import Gunicorn, free_port, gunicorn, snapshot_until, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 T_MS = 1_732_190_000_123
@@ -125,28 +126,11 @@ def forged_datagrams(pids: List[int]) -> List[bytes]:
 
 
 @pytest.fixture
-def engine_for() -> Iterator:
-    made: List[Engine] = []
-
-    def make(g: Gunicorn, udp: int, **kw: object) -> Engine:
-        e = Engine(g.pid, beacon=("127.0.0.1", udp), refresh=0.5, sample_interval=1.0, **kw)
-        made.append(e)
-        e.open()
-        return e
-    yield make
-    for e in made:
-        e.stop()
+def engine_for(engine_for):  # the shared fixture, sampling once a second here
+    return functools.partial(engine_for, sample_interval=1.0)
 
 
-def _until(engine: Engine, cond, timeout: float = 20.0, message: str = "") -> Snapshot:
-    box: List[Snapshot] = []
-
-    def check() -> bool:
-        engine.collect()
-        box[:] = [engine.take_snapshot()]
-        return bool(cond(box[0]))
-    wait_until(check, timeout=timeout, interval=0.1, message=message)
-    return box[0]
+_until = functools.partial(snapshot_until, interval=0.1)
 
 
 def _count(snap: Snapshot, route: str) -> int:
