@@ -11,9 +11,7 @@ from rich.text import Span, Text
 
 from flasktop.textsafe import sanitize
 
-PLACEHOLDER = "\ufffd"
 DASH = "—"
-ELLIPSIS = "…"
 
 
 # C0 controls and DEL as their visible control pictures (ESC shows as ␛); everything

@@ -10,8 +10,8 @@ from rich.text import Text
 
 from flasktop.model.snapshot import HotFrame, LatencyPoint, Problem, WorkerEvent
 from flasktop.ui.overview import banner_text, header_text
+from flasktop.textsafe import PLACEHOLDER
 from flasktop.ui.text import (
-    PLACEHOLDER,
     fmt_bytes,
     fmt_duration,
     fmt_ms,
