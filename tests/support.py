@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, TypeVar
@@ -81,9 +82,12 @@ class Gunicorn:
         assert self.proc is not None
         return self.proc.pid
 
+    def launcher(self) -> List[str]:
+        """How gunicorn is run; the rest of the command line is the same for every launcher."""
+        return [sys.executable, "-m", "gunicorn"]
+
     def start(self, workers_expected: Optional[int] = None, timeout: float = 30.0) -> "Gunicorn":
-        cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}",
-               *self.args, self.app]
+        cmd = [*self.launcher(), "--bind", f"127.0.0.1:{self.port}", *self.args, self.app]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(self.cwd), env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
@@ -154,9 +158,10 @@ class Response:
 
 @contextlib.contextmanager
 def gunicorn(app: str, *args: str, workers_expected: Optional[int] = None,
-             env: Optional[dict] = None, cwd: Optional[Path] = None) -> Iterator[Gunicorn]:
+             env: Optional[dict] = None, cwd: Optional[Path] = None,
+             cls: "type[Gunicorn]" = None) -> Iterator[Gunicorn]:  # type: ignore[assignment]
     """``with gunicorn("app_module:app", "-w", "2") as g:`` -- started, and always killed."""
-    g = Gunicorn(app, *args, env=env, cwd=cwd)
+    g = (cls or Gunicorn)(app, *args, env=env, cwd=cwd)
     try:
         g.start(workers_expected=workers_expected)
         yield g
@@ -164,10 +169,8 @@ def gunicorn(app: str, *args: str, workers_expected: Optional[int] = None,
         g.stop()
 
 
-def in_background(fn: Callable[[], object]) -> "subprocess.Popen | object":
+def in_background(fn: Callable[[], object]) -> threading.Thread:
     """Run ``fn`` on a daemon thread (e.g. a request that hangs) and return the thread."""
-    import threading
-
     th = threading.Thread(target=fn, daemon=True)
     th.start()
     return th

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import (Callable, ContextManager, Dict, Iterable, List, NamedTuple, Optional, Set,
+                    Tuple)
 
 import psutil
 
@@ -24,7 +24,7 @@ from flasktop.engine import Engine
 from flasktop.model import ModelConfig
 from flasktop.model.events import StackSample, TopologyTick
 from flasktop.model.snapshot import Snapshot
-from tests.support import FIXTURES, Gunicorn, free_port, kill_tree, wait_until
+from tests.support import FIXTURES, Gunicorn, free_port, gunicorn, kill_tree, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN_SCRIPT = Path(sys.executable).parent / "gunicorn"
@@ -86,27 +86,14 @@ class ScriptGunicorn(Gunicorn):
     """Started by ``.venv/bin/gunicorn``: ``python -m gunicorn`` cannot survive a USR2 re-exec
     (its ``__main__`` shadows the stdlib ``http``), the console script can."""
 
-    def start(self, workers_expected: Optional[int] = None, timeout: float = 30.0) -> "Gunicorn":
-        cmd = [str(GUNICORN_SCRIPT), "--bind", f"127.0.0.1:{self.port}", *self.args, self.app]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=str(self.cwd), env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        n = workers_expected
-        wait_until(lambda: self._serving() and (n is None or len(self.worker_pids()) >= n),
-                   timeout=timeout, message=f"gunicorn {self.app} to serve on {self.port}"
-                   f" (log: {self.log_path})")
-        return self
+    def launcher(self) -> List[str]:
+        return [str(GUNICORN_SCRIPT)]
 
 
-@contextlib.contextmanager
 def script_gunicorn(app: str, *args: str, workers_expected: Optional[int] = None,
-                    env: Optional[dict] = None) -> Iterator[ScriptGunicorn]:
-    g = ScriptGunicorn(app, *args, env=env, cwd=FIXTURES)
-    try:
-        g.start(workers_expected=workers_expected)
-        yield g
-    finally:
-        g.stop()
+                    env: Optional[dict] = None) -> ContextManager[ScriptGunicorn]:
+    return gunicorn(app, *args, workers_expected=workers_expected, env=env, cwd=FIXTURES,
+                    cls=ScriptGunicorn)  # type: ignore[return-value]
 
 
 def kill_pids(pids: Iterable[int]) -> None:
