@@ -78,7 +78,6 @@ class Engine:
         self._on_snapshot: Optional[Callable[[Snapshot], None]] = None
         self._latest: Optional[Snapshot] = None
         self._lock = threading.Lock()
-        self._focus: Optional[int] = None
         self._opened = False
         self._topology = False  # the poller's first TopologyTick has been folded
         self._backlogged = False  # the last budgeted collect() left datagrams waiting
@@ -226,7 +225,6 @@ class Engine:
             return self._latest
 
     def focus(self, pid: Optional[int]) -> None:
-        self._focus = pid
         if self.sampler is not None:
             self.sampler.focus(pid)
 
