@@ -9,11 +9,14 @@ A datagram is one compact JSON object, UTF-8, at most MAX_DATAGRAM bytes::
      "s":["/orders/<int:oid>","orders","GET","ValueError"],
      "e":[[0,1,2,500,41234,-1,3,4250,12], ...]}
 
-``k`` is the kind: ``r`` carries completed requests, ``f`` the set of requests
-in flight (sent periodically, so a flasktop that attaches late still learns of a
-request that began before it). Strings travel once per datagram in the table
-``s`` and events refer to them by index, so a batch of requests to one route
-costs the route's bytes once.
+``k`` is the kind: ``r`` carries completed requests one by one, ``a`` completed
+requests aggregated per (route, status, thread) into latency histograms (one row
+per flush instead of one event per request; slow, failed and sampled requests
+still travel as ``r``, and each request is reported exactly once, in one kind or
+the other), ``f`` the set of requests in flight (sent periodically, so a
+flasktop that attaches late still learns of a request that began before it).
+Strings travel once per datagram in the table ``s`` and events refer to them by
+index, so a batch of requests to one route costs the route's bytes once.
 
 Decoding trusts nothing. :func:`decode` never raises: it returns a
 :class:`Datagram` or a :class:`Reject` with a short machine-readable reason.
@@ -22,6 +25,7 @@ Decoding trusts nothing. :func:`decode` never raises: it returns a
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import NamedTuple, Union
 
@@ -35,6 +39,18 @@ PENDING = "<pending>"
 
 KIND_REQUESTS = "r"
 KIND_INFLIGHT = "f"
+KIND_AGGREGATES = "a"
+
+# The latency buckets of kind "a", shared by the beacon and the model: DDSketch buckets of
+# relative accuracy 1 %, the same as flasktop/model/sketch.py's Sketch(0.01, min_value=1e-6),
+# so a bucket key from the beacon is the model sketch's key (but for the zero bucket).
+AGG_ACCURACY = 0.01
+AGG_GAMMA = (1 + AGG_ACCURACY) / (1 - AGG_ACCURACY)
+AGG_INV_LOG_GAMMA = 1 / math.log(AGG_GAMMA)
+AGG_MIN_S = 1e-6  # durations at or below this share the zero bucket
+AGG_ZERO = -1000  # the key of the zero bucket
+AGG_MAX_KEY = 1000  # every other key k: -AGG_MAX_KEY < k <= AGG_MAX_KEY (1 us is -690, a week 666)
+_AGG_TOP = AGG_GAMMA ** AGG_MAX_KEY  # durations from here on land in AGG_MAX_KEY
 
 # Bounds every number is checked against. Anything outside is rejected, never clamped.
 _MAX_PID = 1 << 22  # Linux pid_max ceiling
@@ -48,6 +64,8 @@ _MAX_SIZE = 1 << 53
 _MAX_STRINGS = 256
 _MAX_EVENTS = 256
 _MAX_COUNTER = 1 << 53
+_MAX_AGG_COUNT = 1 << 31  # requests in one bucket of one row
+_MAX_AGG_BUCKETS = 2048  # buckets in one row
 
 # Control characters and lone surrogates: no conforming encoder sends them (clip() replaces
 # them, whatever the Unicode version), and a terminal must never receive them.
@@ -58,6 +76,24 @@ _CLIP_BYTES = LABEL_BUDGET - 2 - len(TRUNCATION_MARK.encode("utf-8"))
 
 _REQUEST_FIELDS = 9
 _INFLIGHT_FIELDS = 5
+_AGGREGATE_FIELDS = 8
+
+
+def bucket_of(d: float) -> int:
+    """The bucket key of a duration of ``d`` seconds (AGG_ZERO for d <= AGG_MIN_S)."""
+    if not d > AGG_MIN_S:  # also NaN
+        return AGG_ZERO
+    if d >= _AGG_TOP:
+        return AGG_MAX_KEY
+    return min(math.ceil(math.log(d) * AGG_INV_LOG_GAMMA), AGG_MAX_KEY)
+
+
+def bucket_value(k: int) -> float:
+    """The representative duration (seconds) of bucket ``k``: within AGG_ACCURACY of every
+    duration the bucket holds; 0.0 for the zero bucket."""
+    if k == AGG_ZERO:
+        return 0.0
+    return 2 * AGG_GAMMA ** k / (AGG_GAMMA + 1)
 
 
 class Request(NamedTuple):
@@ -84,6 +120,26 @@ class InFlight(NamedTuple):
     start: float  # wall-clock seconds since the epoch
 
 
+class Aggregate(NamedTuple):
+    """Completed requests of one (route, status, exception, thread), counted per latency
+    bucket. Times are wall-clock seconds since the epoch: every request counted ended
+    within [start, end]."""
+
+    route: str
+    endpoint: str
+    method: str
+    status: int
+    exc: str  # exception type name, "" when none
+    tid: int
+    start: float
+    end: float
+    buckets: tuple  # tuple[tuple[int, int], ...]: (bucket key, requests), see bucket_of()
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, n in self.buckets)
+
+
 class Datagram(NamedTuple):
     kind: str
     pid: int
@@ -94,6 +150,7 @@ class Datagram(NamedTuple):
     inflight_total: int  # kind "f": how many were in flight (may exceed len(inflight))
     dropped: int  # kind "f": events the beacon dropped since it started (buffer full)
     send_errors: int  # kind "f": sendto() failures since it started
+    aggregates: tuple = ()  # tuple[Aggregate, ...] for kind "a"
 
 
 class Reject(NamedTuple):
@@ -214,6 +271,66 @@ class Encoder:
             datagrams = datagrams[:1]
         return datagrams
 
+    def aggregates(self, t_ms: int, rows: list) -> list:
+        """Encode requests aggregated into latency histograms.
+
+        Each row: ``[route, endpoint, method, status, exc, tid, span_ms, buckets]``:
+        labels already clipped, ``exc`` "" for none, ``span_ms`` how long before ``t_ms``
+        the first request counted may have ended, ``buckets`` a list of ``(k, n)``:
+        ``n`` requests in bucket ``k`` (see :func:`bucket_of`). A row whose buckets do
+        not fit one datagram is split into rows of the same fields with disjoint
+        buckets; a row without buckets is left out. Returns a list of datagrams (bytes),
+        each taking the next sequence number.
+        """
+        out: list = []
+        strings: list = []
+        index: dict = {}
+        events: list = []
+        base = 90  # header, with room for the widest numbers it can hold
+        size = base
+        for row in rows:
+            route, ep, method, status, exc, tid, span, buckets = row
+            if not buckets:
+                continue
+            labels = [route, ep, method]
+            if exc:
+                labels.append(exc)
+            # "[" four indexes of at most 3 characters and their commas, the numbers and
+            # their commas, "[]" of the buckets, "]" and the comma after the row
+            fixed = 1 + 4 * 4 + len(str(status)) + len(str(tid)) + len(str(span)) + 3 + 4
+            i = 0
+            while i < len(buckets):
+                fresh = [s for s in dict.fromkeys(labels) if s not in index]
+                need = fixed + sum(_label_cost(s) for s in fresh)
+                k, n = buckets[i]
+                first = len(str(k)) + len(str(n)) + 4  # "[k,n],"
+                if events and (size + need + first > MAX_DATAGRAM or len(events) >= _MAX_EVENTS
+                               or len(strings) + len(fresh) > _MAX_STRINGS):
+                    out.append(self._pack(KIND_AGGREGATES, t_ms, strings, events, ""))
+                    strings, index, events, size = [], {}, [], base
+                    continue
+                for s in fresh:
+                    index[s] = len(strings)
+                    strings.append(s)
+                size += need
+                part = []
+                while i < len(buckets) and len(part) < _MAX_AGG_BUCKETS:
+                    k, n = buckets[i]
+                    cost = len(str(k)) + len(str(n)) + 4
+                    if part and size + cost > MAX_DATAGRAM:
+                        break
+                    part.append([k, n])
+                    size += cost
+                    i += 1
+                events.append([index[route], index[ep], index[method], status,
+                               index[exc] if exc else -1, tid, span, part])
+                if i < len(buckets):  # the rest of this row goes in the next datagram
+                    out.append(self._pack(KIND_AGGREGATES, t_ms, strings, events, ""))
+                    strings, index, events, size = [], {}, [], base
+        if events:
+            out.append(self._pack(KIND_AGGREGATES, t_ms, strings, events, ""))
+        return out
+
 
 # ---------------------------------------------------------------------------
 # Decoding (the flasktop side)
@@ -322,5 +439,30 @@ def _decode(data: bytes) -> Decoded:
         if total < len(flights):
             return Reject("bad_field")
         return Datagram(kind, pid, seq, t, (), tuple(flights), total, x[0], x[1])
+    if kind == KIND_AGGREGATES:
+        aggs = []
+        for ev in events:
+            if type(ev) is not list or len(ev) != _AGGREGATE_FIELDS:
+                return Reject("bad_event")
+            r, ep, m, status, exc, tid, span, buckets = ev
+            if not (_int(r, 0, n_strings - 1) and _int(ep, 0, n_strings - 1)
+                    and _int(m, 0, n_strings - 1) and _int(exc, -1, n_strings - 1)):
+                return Reject("bad_index")
+            if not (_int(status, 0, 999) and _int(tid, 1, _MAX_TID) and _int(span, 0, _MAX_AGE_MS)
+                    and type(buckets) is list and 0 < len(buckets) <= _MAX_AGG_BUCKETS):
+                return Reject("bad_field")
+            pairs = []
+            for b in buckets:
+                if type(b) is not list or len(b) != 2:
+                    return Reject("bad_field")
+                k, n = b
+                if not (type(k) is int and (-AGG_MAX_KEY < k <= AGG_MAX_KEY or k == AGG_ZERO)
+                        and _int(n, 1, _MAX_AGG_COUNT)):
+                    return Reject("bad_field")
+                pairs.append((k, n))
+            aggs.append(Aggregate(strings[r], strings[ep], strings[m], status,
+                                  strings[exc] if exc >= 0 else "", tid, t - span / 1000.0, t,
+                                  tuple(pairs)))
+        return Datagram(kind, pid, seq, t, (), (), 0, 0, 0, tuple(aggs))
     return Reject("bad_kind")
 
