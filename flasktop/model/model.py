@@ -28,7 +28,8 @@ from flasktop.model.workers import (
     MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut, running_at, same_request,
 )
 from flasktop.protocol import (
-    KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request,
+    AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S, AGG_ZERO, KIND_AGGREGATES, KIND_INFLIGHT,
+    KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request, bucket_value,
 )
 
 T = TypeVar("T")
@@ -116,6 +117,8 @@ class Model:
         w.beacon_t = now
         if dg.kind == KIND_REQUESTS:
             self._requests(w, dg, now)
+        elif dg.kind == KIND_AGGREGATES:
+            self._aggregates(w, dg, now)
         elif dg.kind == KIND_INFLIGHT:
             if dg.t < w.inflight_t:
                 return
@@ -266,6 +269,73 @@ class Model:
                     del by_sec[min(by_sec)]
                 c = by_sec[sec] = {}
             c[rs.route] = c.get(rs.route, 0) + 1
+        w.served += folded
+
+    def _aggregates(self, w: WorkerState, dg: Datagram, now: float) -> None:
+        """Fold requests the beacon counted per latency bucket instead of sending one by one.
+
+        They count everywhere counts and latencies go (the route's window and since-attach
+        sketches, errors, the worker's served count, the per-second route counts); having no
+        individual times, they join no slowest list, recent list, or stack sample.
+        """
+        epoch = max(math.floor(now / self._slot_s), self._epoch)
+        self._epoch = epoch
+        idx = epoch % self._nslots
+        sk = self._sk
+        same = sk.accuracy == AGG_ACCURACY and sk.min_value == AGG_MIN_S
+        maxb = sk.max_buckets
+        phase = w.phase
+        by_sec = w.req_by_sec
+        folded = 0
+        for a in dg.aggregates:
+            end = a.end
+            if not (-1e11 < end < 1e11 and a.buckets):
+                continue  # decode() never lets these through; a hand-made Aggregate might
+            rs = self._routes.get((a.route, a.method))
+            if rs is None:
+                rs = self._route((a.route, a.method))
+            slot = rs.slots[idx]
+            if slot.epoch != epoch:
+                self._retire(rs, epoch)
+            tot = rs.total
+            b, tb = slot.buckets, tot.buckets
+            count = 0
+            for k, n in a.buckets:
+                if not (type(k) is int and (-AGG_MAX_KEY < k <= AGG_MAX_KEY or k == AGG_ZERO)
+                        and type(n) is int and n > 0):
+                    continue  # as above: only a hand-made Aggregate
+                v = bucket_value(k)
+                key = (k if k != AGG_ZERO else ZERO_KEY) if same else sk.key(v)
+                count += n
+                slot.busy += n * v
+                b[key] = b.get(key, 0) + n
+                if v > slot.max:
+                    slot.max = v
+                tb[key] = tb.get(key, 0) + n
+                if v > tot.max:
+                    tot.max = v
+                if v < tot.min:
+                    tot.min = v
+                if len(tb) > maxb:
+                    tot._collapse()
+            if not count:
+                continue
+            slot.count += count
+            tot.count += count
+            rs.count += count
+            folded += count
+            if a.status >= 500 or a.exc:
+                slot.errors += count
+                rs.errors += count
+                if a.exc:
+                    rs.last_exc = a.exc
+            sec = math.ceil(end - phase)
+            c = by_sec.get(sec)
+            if c is None:
+                if len(by_sec) >= MAX_REQ_SECONDS:
+                    del by_sec[min(by_sec)]
+                c = by_sec[sec] = {}
+            c[rs.route] = c.get(rs.route, 0) + count
         w.served += folded
 
     def _frame(self, f: Frame) -> str:

@@ -8,7 +8,7 @@ from flasktop.model import Model, ModelConfig
 from flasktop.model.events import (
     Frame, GunicornConfig, ProcStats, StackSample, ThreadDump, TopologyTick,
 )
-from flasktop.protocol import Datagram, InFlight, Request
+from flasktop.protocol import Aggregate, Datagram, InFlight, Request, bucket_of
 
 T0 = 1_700_000_000.0
 MASTER = 100
@@ -39,6 +39,21 @@ def req(route: str, dur: float, end: float, tid: int = 1, status: int = 200,
 
 def done(pid: int, t: float, reqs: Sequence[Request], seq: int = 0) -> Datagram:
     return Datagram("r", pid, seq, t, tuple(reqs), (), 0, 0, 0)
+
+
+def agg(route: str, durs: Iterable[float], end: float, tid: int = 1, status: int = 200,
+        method: str = "GET", exc: str = "", span: float = 0.15) -> Aggregate:
+    """Requests of ``durs`` seconds counted per bucket, as the beacon's aggregates carry them."""
+    buckets: dict = {}
+    for d in durs:
+        k = bucket_of(d)
+        buckets[k] = buckets.get(k, 0) + 1
+    return Aggregate(route, route.strip("/") or "index", method, status, exc, tid, end - span,
+                     end, tuple(sorted(buckets.items())))
+
+
+def counted(pid: int, t: float, aggs: Sequence[Aggregate], seq: int = 0) -> Datagram:
+    return Datagram("a", pid, seq, t, (), (), 0, 0, 0, tuple(aggs))
 
 
 def flying(pid: int, t: float, items: Sequence[Tuple[str, int, float]], dropped: int = 0,
