@@ -440,8 +440,45 @@ def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Rec
         assert reporter.dropped == extra
     rx.wait(lambda r: any(d.kind == "f" and d.dropped == extra for d in r.datagrams()),
             message="an in-flight report with the drop count")
-    rx.wait_requests("/", _reporter.QUEUE_CAP, timeout=20)
-    assert len(rx.requests("/")) == _reporter.QUEUE_CAP
+    # One flush of QUEUE_CAP: the first BUDGET one by one, the rest counted in aggregates.
+    rx.wait(lambda r: r.count("/") >= _reporter.QUEUE_CAP, timeout=20,
+            message=f"{_reporter.QUEUE_CAP} requests to /")
+    time.sleep(0.3)  # nothing more may come
+    assert rx.count("/") == _reporter.QUEUE_CAP
+    assert len(rx.requests("/")) >= _reporter.BUDGET
+
+
+def test_a_busy_flush_sends_its_budget_and_every_failure_one_by_one_and_counts_the_rest(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    reporter = beacon.middleware.reporter
+    fast, teapots, booms = _reporter.BUDGET + 700, 300, 5
+    with reporter.lock:  # one flush gets them all
+        for i in range(fast):
+            call(app, f"/orders/{i}")
+        for _ in range(teapots):
+            call(app, "/teapot")
+        for _ in range(booms):
+            call(app, "/boom")
+    total = fast + teapots + booms
+    rx.wait(lambda r: r.count() >= total, timeout=20, message=f"{total} requests")
+    rx.wait(settled_once, message="an empty in-flight report after the requests")
+    assert rx.count() == total
+    assert (rx.count("/orders/<int:oid>"), rx.count("/teapot"), rx.count("/boom")) == (fast, teapots, booms)
+    # Every failure went one by one, with its exception type; the budget too.
+    booms_seen = rx.requests("/boom")
+    assert len(booms_seen) == booms and all(r.status == 500 and r.exc for _, r in booms_seen)
+    assert len(rx.requests()) >= _reporter.BUDGET + booms
+    rows = rx.aggregates()
+    assert rows, "a busy flush sends aggregates"
+    me, tid = os.getpid(), threading.get_native_id()
+    for pid, a in rows:
+        assert (pid, a.tid, a.exc, a.method) == (me, tid, "", "GET")
+        assert (a.route, a.endpoint, a.status) in {("/orders/<int:oid>", "order", 200),
+                                                    ("/teapot", "teapot", 418)}
+        assert a.start <= a.end and abs(a.end - time.time()) < 10
+        # fast requests only: every bucket below the always-one-by-one threshold
+        assert all(protocol.bucket_value(k) < _reporter.SLOW_S * 1.02 for k, _ in a.buckets)
+    assert beacon.stats()["aggregated"] == total - len(rx.requests())
 
 
 def test_a_forked_child_reports_as_itself(rx: Receiver) -> None:

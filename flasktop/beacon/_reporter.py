@@ -19,9 +19,11 @@ import socket
 import threading
 import time
 from bisect import bisect_right
-from collections import deque
+from collections import _count_elements, deque  # type: ignore[attr-defined]
 from itertools import accumulate, compress, count, groupby, repeat
-from operator import add, itemgetter, methodcaller, mul, not_, sub
+from math import ceil
+from math import log as _ln
+from operator import add, eq, ge, is_, itemgetter, methodcaller, mul, not_, or_, sub, truth
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from flasktop import protocol
@@ -43,6 +45,12 @@ CHUNK = 4096  # ended requests encoded per pass
 HOLD_S = 5.0
 HOLD_CAP = 20_000
 _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per datagram
+# Each flush sends its first BUDGET ended requests one by one, and every slow or failed one;
+# the rest (a busy worker's fast, successful requests) go as per-(route, method, status,
+# thread) latency histograms: one row per flush instead of one event per request, which is
+# what the app would otherwise pay to encode and send. Every request is reported exactly once.
+BUDGET = 64
+SLOW_S = 0.005  # seconds; a request at least this long is always sent on its own
 
 # A record is a plain list, the cheapest thing to build on the request path. SIZE is
 # the Content-Length value (a str), else the bytes iterated so far (an int), else None.
@@ -67,6 +75,12 @@ Label = Tuple[str, str, int]  # (clipped label, its JSON form, bytes it adds to 
 _first_failure_logged = False
 _call = methodcaller("__call__")
 _get_t1 = itemgetter(T1)
+_get_t0 = itemgetter(T0)
+_get_status = itemgetter(STATUS)
+_get_exc = itemgetter(EXC)
+_get_rule = itemgetter(RULE)
+_get_method = itemgetter(METHOD)
+_get_tid = itemgetter(TID)
 
 
 def _log_failure_once(what: str) -> None:
@@ -98,6 +112,7 @@ class Reporter:
         self.send_errors = 0
         self.sent = 0
         self.reported = 0
+        self.aggregated = 0  # requests reported as counts in aggregates (of reported)
         self.unheard = 0  # ended requests never sent: nobody listened while they were held
         self.held: Deque[list] = deque()  # ended while nobody listened, newest HOLD_S seconds
         self.listening = True  # until the kernel refuses a datagram
@@ -207,8 +222,9 @@ class Reporter:
             if held:
                 ended = list(held) + ended
                 held.clear()
+            budget = BUDGET
             for i in range(0, len(ended), CHUNK):
-                self._send_requests(ended[i:i + CHUNK])
+                budget = self._send_ended(ended[i:i + CHUNK], budget)
         else:  # nobody listens (the kernel said so): hold, don't encode
             held.extend(ended)
             horizon = time.perf_counter() - HOLD_S
@@ -260,7 +276,81 @@ class Reporter:
             self.codes[status] = code
         return code
 
-    # -- requests datagrams ---------------------------------------------------------
+    # -- requests and aggregates datagrams -------------------------------------------
+
+    def _codes(self, statuses: Any) -> List[int]:
+        codes = list(map(self.codes.get, statuses))
+        if None in codes:
+            codes = [self._code(st) if c is None else c for c, st in zip(codes, statuses)]
+        return codes
+
+    def _send_ended(self, recs: List[list], budget: int) -> int:
+        """Send ``recs``: the first ``budget`` and the slow or failed ones as requests, the
+        rest as aggregates. Returns the budget left. Per-request work is done in C."""
+        n = len(recs)
+        if n <= budget:
+            self._send_requests(recs)
+            return budget - n
+        budget = max(budget, 0)
+        durs = list(map(sub, map(_get_t1, recs), map(_get_t0, recs)))
+        codes = self._codes(list(map(_get_status, recs)))
+        if (max(durs) < SLOW_S and min(codes) > 0 and max(codes) < 500
+                and not any(map(_get_exc, recs))):  # the busy common case: all fast and fine
+            if budget:
+                self._send_requests(recs[:budget])
+            self._send_aggregates(recs[budget:], durs[budget:], codes[budget:])
+            return 0
+        # one by one: the budget, and every slow, 5xx, never started (0) or raising request
+        loud = list(map(or_, map(or_, map(ge, durs, repeat(SLOW_S, n)), map(ge, codes, repeat(500, n))),
+                        map(or_, map(not_, codes), map(truth, map(_get_exc, recs)))))
+        loud[:budget] = repeat(True, budget)
+        quiet = list(map(not_, loud))
+        self._send_requests(list(compress(recs, loud)))
+        self._send_aggregates(list(compress(recs, quiet)), list(compress(durs, quiet)),
+                              list(compress(codes, quiet)))
+        return 0
+
+    def _send_aggregates(self, recs: List[list], durs: List[float], codes: List[int]) -> None:
+        """Count ``recs`` per (rule, method, status, thread) in protocol latency buckets."""
+        n = len(recs)
+        if not n:
+            return
+        now = time.perf_counter()
+        t_ms = int(time.time() * 1000)
+        floor = protocol.AGG_MIN_S * 1.0000001
+        if min(durs) < floor:
+            durs = [d if d > floor else floor for d in durs]
+        keys = list(map(ceil, map(mul, map(_ln, durs), repeat(protocol.AGG_INV_LOG_GAMMA, n))))
+        rules = list(map(_get_rule, recs))
+        methods = list(map(_get_method, recs))
+        tids = list(map(_get_tid, recs))
+        r0, m0, c0, t0 = rules[0], methods[0], codes[0], tids[0]
+        grouped: Dict[Tuple[int, Any, int, int], List[Tuple[int, int]]] = {}
+        counts: Dict[Any, int] = {}
+        if (all(map(is_, rules, repeat(r0, n))) and all(map(eq, methods, repeat(m0, n)))
+                and codes.count(c0) == n and tids.count(t0) == n):
+            _count_elements(counts, keys)  # one route, one thread: count the keys alone
+            grouped[(id(r0), m0, c0, t0)] = list(counts.items())
+            by_id = {id(r0): r0}
+        else:
+            ids = list(map(id, rules))
+            by_id = dict(zip(ids, rules))
+            _count_elements(counts, zip(ids, methods, codes, tids, keys))
+            for (rid, method, code, tid, k), c in counts.items():
+                grouped.setdefault((rid, method, code, tid), []).append((k, c))
+        # The requests ended within about the last span (records are nearly in end order).
+        span = min((now - min(_get_t1(recs[0]), _get_t1(recs[-1]))) * 1000.0, _MAX_AGE_MS)
+        rows = []
+        for (rid, method, code, tid), buckets in grouped.items():
+            hit = self.rules.get(rid)
+            if hit is None or hit[0] is not by_id[rid]:
+                hit = self._rule(by_id[rid])
+            rows.append([hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, "",
+                         tid if 0 < tid < _MAX_TID else 1, int(span), sorted(buckets)])
+        for data in self.encoder.aggregates(t_ms, rows):
+            self._send(data)
+        self.reported += n
+        self.aggregated += n
 
     def _send_requests(self, recs: List[list]) -> None:
         """Encode ended requests to the wire format of protocol.Encoder.requests.
@@ -451,7 +541,8 @@ class Reporter:
     def stats(self) -> Dict[str, int]:
         """Counters: datagrams sent, requests reported / never sent (nobody listened) /
         held (nobody listening yet) / dropped (queue full), send errors, queue sizes."""
-        return {"sent": self.sent, "reported": self.reported, "unheard": self.unheard,
+        return {"sent": self.sent, "reported": self.reported, "aggregated": self.aggregated,
+                "unheard": self.unheard,
                 "held": len(self.held),
                 "listening": int(self.listening), "dropped": self.dropped,
                 "send_errors": self.send_errors, "queued": len(self.started),

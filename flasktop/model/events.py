@@ -138,7 +138,7 @@ class ListenerStats:
     address: str  # "127.0.0.1:9711"
     received: int  # datagrams read from the socket
     accepted: int  # datagrams decoded
-    events: int  # requests and in-flight entries decoded
+    events: int  # requests (an aggregate row's count included) and in-flight entries decoded
     rejected: Tuple[Tuple[str, int], ...] = ()  # (reason, count)
     lost: int = 0  # gaps in the beacons' sequence numbers
     kernel_drops: Optional[int] = None  # /proc/net/udp drops for the socket

@@ -320,7 +320,8 @@ class Listener:
                     self._track(d.pid, d.seq)
                     got.append(d)
                     self._accepted += 1
-                    self._events += len(d.requests) + len(d.inflight)
+                    self._events += len(d.requests) + len(d.inflight) + sum(
+                        a.count for a in d.aggregates)
                 else:
                     self._reject(d.reason)
             except Exception:  # noqa: BLE001 - one bad datagram must not stop the listener
@@ -372,11 +373,11 @@ class Listener:
             q = self._backlog
             if got:
                 q.extend(got)
-                self._queued_events += sum(len(d.requests) + len(d.inflight) for d in got)
+                self._queued_events += sum(map(_rows, got))
                 while len(q) > self._backlog_limit or (
                         self._queued_events > self._event_limit and len(q) > 1):
                     old = q.popleft()
-                    self._queued_events -= len(old.requests) + len(old.inflight)
+                    self._queued_events -= _rows(old)
                     self._dropped_backlog += 1
             self._published = (self._received, self._accepted, self._events, self._lost,
                                self._senders, self._bytes, rejected)
@@ -394,7 +395,7 @@ class Listener:
             out = []
             for _ in range(max(0, max_items)):
                 d = q.popleft()
-                self._queued_events -= len(d.requests) + len(d.inflight)
+                self._queued_events -= _rows(d)
                 out.append(d)
             return out
 
@@ -422,6 +423,12 @@ class Listener:
                 except ValueError:
                     return None
         return None
+
+
+def _rows(d: Datagram) -> int:
+    """Decoded rows a datagram holds (requests, in-flight entries, aggregate rows): its weight
+    in the backlog."""
+    return len(d.requests) + len(d.inflight) + len(d.aggregates)
 
 
 def _grow_rcvbuf(sock: socket.socket, want: int) -> int:
