@@ -8,6 +8,7 @@ Indexes into the record are literals here for speed; their names are in ``_repor
 
 from __future__ import annotations
 
+import sys
 import threading
 from threading import get_native_id
 from time import perf_counter
@@ -18,6 +19,18 @@ from flasktop.beacon._reporter import (QUEUE_CAP, WAKE_AT, Reporter, _log_failur
                                        reporter_for)
 
 WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# werkzeug.wsgi.ClosingIterator once the app has imported werkzeug (looked up, never imported).
+_CLOSING: Optional[type] = None
+
+
+def _find_closing() -> None:
+    global _CLOSING
+    if _CLOSING is None:
+        closing = getattr(sys.modules.get("werkzeug.wsgi"), "ClosingIterator", None)
+        if isinstance(closing, type) and callable(getattr(closing, "close", None)):
+            _CLOSING = closing
+
 
 # get_native_id() is a system call; a thread-local is ~6x cheaper. Created at import:
 # under gevent with --preload it is the real thread's local (greenlets share the tid).
@@ -39,6 +52,7 @@ class BeaconMiddleware:
                  config: Optional[Mapping[str, Any]] = None) -> None:
         self.wsgi_app = wsgi_app
         self.reporter: Optional[Reporter] = None
+        _find_closing()
         try:
             self.reporter = reporter_for(choose(address, config))
         except Exception:  # noqa: BLE001 - a broken beacon degrades to pass-through
@@ -79,6 +93,7 @@ class BeaconMiddleware:
             else:
                 reporter.dropped += 1
             if not reporter.running:
+                _find_closing()
                 reporter.start()
             resp = _Response(rec, start_response)
         except Exception:  # noqa: BLE001 - a broken beacon degrades to pass-through
@@ -90,6 +105,14 @@ class BeaconMiddleware:
             rec[5] = type(e).__name__
             _end(rec)
             raise
+        if type(it) is _CLOSING and rec[3] is not None:
+            # Werkzeug's own closing iterator (every buffered Flask response): end the request
+            # in its close() instead of wrapping it, saving the app two calls per request.
+            try:
+                it._callbacks.insert(0, resp.ended)
+                return it
+            except Exception:  # noqa: BLE001 - not the class we know after all: wrap it
+                pass
         file_wrapper = environ.get("wsgi.file_wrapper")
         if file_wrapper is not None and type(it) is file_wrapper:
             return _hook_file_wrapper(it, rec)
@@ -134,6 +157,12 @@ class _Response:
         if rec[3] is None:  # no Content-Length: count what is sent
             return _counted(self._it, rec)
         return iter(self._it)
+
+    def ended(self) -> None:
+        """First of werkzeug's ClosingIterator callbacks: the server is closing the response."""
+        rec = self._rec
+        if not rec[6]:
+            _end(rec)
 
     def close(self) -> None:
         rec = self._rec
