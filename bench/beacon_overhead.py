@@ -152,13 +152,15 @@ def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object]
 
 
 def run_round(app: Any, base: Dict[str, Any], n: int, end: Callable[[], object],
-              lat: Optional[List[float]] = None) -> float:
-    """CPU seconds per request over ``n`` requests; appends each request's wall time to ``lat``."""
+              lat: Optional[List[float]] = None, other: Optional[List[float]] = None) -> float:
+    """CPU seconds per request over ``n`` requests; appends each request's wall time to ``lat``
+    and the CPU per request of the process's other threads (the flusher) to ``other``."""
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         return None
 
     clock = time.perf_counter
     c0 = time.process_time()
+    m0 = time.thread_time()
     for _ in range(n):
         t = clock()
         it = app(base.copy(), start_response)
@@ -168,7 +170,10 @@ def run_round(app: Any, base: Dict[str, Any], n: int, end: Callable[[], object],
         if lat is not None:
             lat.append(clock() - t)
     end()
-    return (time.process_time() - c0) / n
+    cpu = time.process_time() - c0
+    if other is not None:
+        other.append((cpu - (time.thread_time() - m0)) / n)
+    return cpu / n
 
 
 def in_process(rounds: int, n: int) -> Dict[str, float]:
@@ -181,15 +186,16 @@ def in_process(rounds: int, n: int) -> Dict[str, float]:
         time.sleep(0.5)
         cpu: Dict[str, List[float]] = {name: [] for name in names}
         lat: Dict[str, List[float]] = {name: [] for name in names}
+        other: Dict[str, List[float]] = {name: [] for name in names}
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 app, end = variants[name]
-                cpu[name].append(run_round(app, base, n, end, lat[name]))
-    return report_in_process(cpu, lat, rounds, n)
+                cpu[name].append(run_round(app, base, n, end, lat[name], other[name]))
+    return report_in_process(cpu, lat, other, rounds, n)
 
 
 def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
-                      rounds: int, n: int) -> Dict[str, float]:
+                      other: Dict[str, List[float]], rounds: int, n: int) -> Dict[str, float]:
     bare_cpu = statistics.median(cpu[BARE]) * 1e6
     bare_lat = statistics.median(lat[BARE]) * 1e6
     added: Dict[str, float] = {}
@@ -197,7 +203,7 @@ def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
           f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f})")
     print(f"{'variant':<27} {'CPU us/req':>10} {'added':>7} {'added %':>8} {'IQR':>6}"
-          f" | {'latency p50':>11} {'added':>7}")
+          f" | {'latency p50':>11} {'added':>7} | {'other threads':>13}")
     for name in cpu:
         diffs = [(c - b) * 1e6 for c, b in zip(cpu[name], cpu[BARE])]
         added[name] = statistics.median(diffs)
@@ -205,9 +211,12 @@ def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
         med_lat = statistics.median(lat[name]) * 1e6
         print(f"{name:<27} {statistics.median(cpu[name]) * 1e6:>10.2f} {added[name]:>+7.2f} "
               f"{added[name] / bare_cpu * 100:>+7.1f}% {q[2] - q[0]:>6.2f}"
-              f" | {med_lat:>11.2f} {med_lat - bare_lat:>+7.2f}")
+              f" | {med_lat:>11.2f} {med_lat - bare_lat:>+7.2f}"
+              f" | {statistics.median(other[name]) * 1e6:>13.2f}")
     print("(CPU: median over rounds; 'added' is the median of per-round differences to bare "
-          "Flask; IQR of those differences. latency: median of every request's wall time.)")
+          "Flask; IQR of those differences. latency: median of every request's wall time. "
+          "other threads: CPU per request of threads other than the one serving, i.e. the "
+          "beacon's flusher; part of CPU.)")
     prom = added.get(PROM)
     for name in (QUIET, HEARD):
         line = (f"{name}: adds {added[name]:.2f} us CPU = {added[name] / bare_cpu * 100:.1f}% "
