@@ -279,6 +279,7 @@ class Reporter:
     # -- requests and aggregates datagrams -------------------------------------------
 
     def _codes(self, statuses: Any) -> List[int]:
+        """The status code of each status line (cached by the line; 0 when unparsable)."""
         codes = list(map(self.codes.get, statuses))
         if None in codes:
             codes = [self._code(st) if c is None else c for c, st in zip(codes, statuses)]
@@ -317,10 +318,10 @@ class Reporter:
             return
         now = time.perf_counter()
         t_ms = int(time.time() * 1000)
-        floor = protocol.AGG_MIN_S * 1.0000001
-        if min(durs) < floor:
-            durs = [d if d > floor else floor for d in durs]
-        keys = list(map(ceil, map(mul, map(_ln, durs), repeat(protocol.AGG_INV_LOG_GAMMA, n))))
+        if min(durs) > protocol.AGG_MIN_S:  # protocol.bucket_of, done in C
+            keys = list(map(ceil, map(mul, map(_ln, durs), repeat(protocol.AGG_INV_LOG_GAMMA, n))))
+        else:  # rare: a duration at or below AGG_MIN_S, which bucket_of puts in the zero bucket
+            keys = list(map(protocol.bucket_of, durs))
         rules = list(map(_get_rule, recs))
         methods = list(map(_get_method, recs))
         tids = list(map(_get_tid, recs))
@@ -370,9 +371,7 @@ class Reporter:
         ages = list(map(mul, map(sub, repeat(now, n), t1s), repeat(1e3, n)))
         if max(ages) > _MAX_AGE_MS:
             ages = [min(a, _MAX_AGE_MS) for a in ages]
-        codes = list(map(self.codes.get, statuses))
-        if None in codes:
-            codes = [self._code(st) if c is None else c for c, st in zip(codes, statuses)]
+        codes = self._codes(statuses)
         try:
             sizes = list(map(int, sizes))  # Content-Length values and byte counts
         except (TypeError, ValueError):  # a None (size unknown) or a malformed header
