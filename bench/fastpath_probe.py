@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import threading
-import time
 from array import array
 from threading import Lock, get_native_id
 from time import perf_counter
@@ -34,7 +33,13 @@ from flask import Flask
 from flask.ctx import RequestContext
 from werkzeug.test import EnvironBuilder
 
+from beacon_overhead import ClockOnly, hello_app, run_round  # the same floor and loop
+
 _tls = threading.local()
+
+
+def _nothing() -> None:
+    return None
 
 
 class _Thread:
@@ -53,18 +58,8 @@ class _Thread:
         self.environ = None
 
 
-def hello() -> Flask:
-    app = Flask("hello")
-
-    @app.route("/")
-    def index() -> str:
-        return "Hello, World!"
-
-    return app
-
-
 def probe_app() -> Flask:
-    app = hello()
+    app = hello_app()
     groups: Dict[Any, float] = {}
     lock = Lock()
 
@@ -100,59 +95,22 @@ def probe_app() -> Flask:
     return app
 
 
-class ClockOnly:
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        return _Clocked(self.app(environ, start_response), perf_counter())
-
-
-class _Clocked:
-    __slots__ = ("it", "t0")
-
-    def __init__(self, it: Any, t0: float) -> None:
-        self.it, self.t0 = it, t0
-
-    def __iter__(self) -> Any:
-        return iter(self.it)
-
-    def close(self) -> None:
-        close = getattr(self.it, "close", None)
-        if close is not None:
-            close()
-        self.t0 = perf_counter() - self.t0
-
-
-def run(app: Any, base: Dict[str, Any], n: int) -> float:
-    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
-        return None
-
-    c0 = time.process_time()
-    for _ in range(n):
-        it = app(base.copy(), start_response)
-        for _chunk in it:
-            pass
-        it.close()
-    return (time.process_time() - c0) / n
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--requests", type=int, default=3000)
     args = p.parse_args()
-    clock = hello()
+    clock = hello_app()
     clock.wsgi_app = ClockOnly(clock.wsgi_app)  # type: ignore[method-assign]
-    apps = {"bare flask": hello(), "clock-only middleware": clock, "probe": probe_app()}
+    apps = {"bare flask": hello_app(), "clock-only middleware": clock, "probe": probe_app()}
     base = EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
     names = list(apps)
     cpu: Dict[str, List[float]] = {name: [] for name in names}
     for name in names:
-        run(apps[name], base, 300)
+        run_round(apps[name], base, 300, _nothing)
     for r in range(max(2, args.rounds)):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            cpu[name].append(run(apps[name], base, max(100, args.requests)))
+            cpu[name].append(run_round(apps[name], base, max(100, args.requests), _nothing))
             t = getattr(_tls, "t", None)
             if t is not None:
                 del t.buf[:]
