@@ -89,29 +89,23 @@ def fmt_bytes(b: Optional[float]) -> str:
     return f"{b:.0f}B"
 
 
+def _small(v: float, unit: str) -> str:
+    """A non-negative quantity in at most three significant characters: 0, <0.1, 7.5, 42."""
+    if v == 0:
+        return "0" + unit
+    if v < 0.1:
+        return "<0.1" + unit
+    if v < 10:
+        return f"{v:.1f}{unit}"
+    return f"{v:.0f}{unit}"
+
+
 def fmt_rate(r: Optional[float]) -> str:
-    if r is None:
-        return DASH
-    if r == 0:
-        return "0/s"
-    if r < 0.1:
-        return "<0.1/s"
-    if r < 10:
-        return f"{r:.1f}/s"
-    return f"{r:.0f}/s"
+    return DASH if r is None else _small(r, "/s")
 
 
 def fmt_pct(x: Optional[float]) -> str:
-    if x is None:
-        return DASH
-    p = x * 100
-    if p == 0:
-        return "0%"
-    if p < 0.1:
-        return "<0.1%"
-    if p < 10:
-        return f"{p:.1f}%"
-    return f"{p:.0f}%"
+    return DASH if x is None else _small(x * 100, "%")
 
 
 def fmt_growth(mb_per_min: Optional[float]) -> str:
