@@ -172,10 +172,14 @@ class Model:
             s.reset(-1)
         rs.slots[epoch % self._nslots].reset(epoch)
 
-    def _requests(self, w: WorkerState, dg: Datagram, now: float) -> None:
-        epoch = max(math.floor(now / self._slot_s), self._epoch)  # a clock step back is no rewind
+    def _advance(self, now: float) -> Tuple[int, int]:
+        """The current slot epoch and its index; a clock step back is no rewind."""
+        epoch = max(math.floor(now / self._slot_s), self._epoch)
         self._epoch = epoch
-        idx = epoch % self._nslots
+        return epoch, epoch % self._nslots
+
+    def _requests(self, w: WorkerState, dg: Datagram, now: float) -> None:
+        epoch, idx = self._advance(now)
         routes = self._routes
         route_of = self._route
         inv = self._sk.inv_log_gamma
@@ -262,13 +266,7 @@ class Model:
                         if not p.done and p.t >= begin:
                             p.done = True
                             self._attribute(p, rs)
-            sec = ceil(end - phase)
-            c = by_sec.get(sec)
-            if c is None:
-                if len(by_sec) >= MAX_REQ_SECONDS:
-                    del by_sec[min(by_sec)]
-                c = by_sec[sec] = {}
-            c[rs.route] = c.get(rs.route, 0) + 1
+            _count_second(by_sec, ceil(end - phase), rs.route, 1)
         w.served += folded
 
     def _aggregates(self, w: WorkerState, dg: Datagram, now: float) -> None:
@@ -278,9 +276,7 @@ class Model:
         sketches, errors, the worker's served count, the per-second route counts); having no
         individual times, they join no slowest list, recent list, or stack sample.
         """
-        epoch = max(math.floor(now / self._slot_s), self._epoch)
-        self._epoch = epoch
-        idx = epoch % self._nslots
+        epoch, idx = self._advance(now)
         sk = self._sk
         same = sk.accuracy == AGG_ACCURACY and sk.min_value == AGG_MIN_S
         maxb = sk.max_buckets
@@ -329,13 +325,7 @@ class Model:
                 rs.errors += count
                 if a.exc:
                     rs.last_exc = a.exc
-            sec = math.ceil(end - phase)
-            c = by_sec.get(sec)
-            if c is None:
-                if len(by_sec) >= MAX_REQ_SECONDS:
-                    del by_sec[min(by_sec)]
-                c = by_sec[sec] = {}
-            c[rs.route] = c.get(rs.route, 0) + count
+            _count_second(by_sec, math.ceil(end - phase), rs.route, count)
         w.served += folded
 
     def _frame(self, f: Frame) -> str:
@@ -1026,6 +1016,17 @@ class Model:
                           kernel_drops=ev.kernel_drops, app_dropped=self._app_dropped,
                           senders=ev.senders, last_heard_s=heard, ignored=self._ignored,
                           dropped_backlog=ev.dropped_backlog)
+
+
+def _count_second(by_sec: Dict[int, Dict[str, int]], sec: int, route: str, n: int) -> None:
+    """Add ``n`` requests of ``route`` that ended in second ``sec`` (bounded: the oldest
+    second goes first)."""
+    c = by_sec.get(sec)
+    if c is None:
+        if len(by_sec) >= MAX_REQ_SECONDS:
+            del by_sec[min(by_sec)]
+        c = by_sec[sec] = {}
+    c[route] = c.get(route, 0) + n
 
 
 def _top(counts: Dict[str, int], n: int) -> Dict[str, int]:
