@@ -76,19 +76,26 @@ def dead(pid: int) -> bool:
         return True
 
 
-def catch_py_spy(parent: int, worker: int) -> Optional[int]:
-    """SIGSTOP a py-spy that ``parent`` is running against ``worker``; its pid, or None."""
+def py_spies(parent: int, worker: int) -> Iterator[psutil.Process]:
+    """The py-spy children ``parent`` is running against ``worker`` (gone ones skipped)."""
     try:
         kids = psutil.Process(parent).children()
     except psutil.Error:
-        return None
+        return
     for kid in kids:
         with contextlib.suppress(psutil.Error):
             if kid.name() == "py-spy" and str(worker) in kid.cmdline():
-                kid.send_signal(signal.SIGSTOP)
-                if kid.status() == psutil.STATUS_STOPPED:
-                    return kid.pid
-                kid.send_signal(signal.SIGCONT)
+                yield kid
+
+
+def catch_py_spy(parent: int, worker: int) -> Optional[int]:
+    """SIGSTOP a py-spy that ``parent`` is running against ``worker``; its pid, or None."""
+    for kid in py_spies(parent, worker):
+        with contextlib.suppress(psutil.Error):
+            kid.send_signal(signal.SIGSTOP)
+            if kid.status() == psutil.STATUS_STOPPED:
+                return kid.pid
+            kid.send_signal(signal.SIGCONT)
     return None
 
 
@@ -340,14 +347,9 @@ def test_kill_9_of_the_parent_leaves_no_py_spy(sync_app: Gunicorn) -> None:
 
 
 def running_py_spy(parent: int, worker: int) -> Optional[int]:
-    try:
-        kids = psutil.Process(parent).children()
-    except psutil.Error:
-        return None
-    for kid in kids:
+    for kid in py_spies(parent, worker):
         with contextlib.suppress(psutil.Error):
-            if kid.name() == "py-spy" and str(worker) in kid.cmdline() \
-                    and kid.status() != psutil.STATUS_ZOMBIE:
+            if kid.status() != psutil.STATUS_ZOMBIE:
                 return kid.pid
     return None
 
