@@ -93,7 +93,9 @@ def test_flask_request_reports_template_endpoint_status_size_and_thread(rx: Rece
     assert req.size == len(body) == int(dict(headers)["Content-Length"])
     assert req.tid == threading.get_native_id()
     assert 0 <= req.duration_s < 5 and abs(req.end - time.time()) < 5
-    assert beacon.enabled and isinstance(app.wsgi_app, BeaconMiddleware)
+    # A Flask app gets the fast path: hooks in calls Flask makes anyway, no middleware.
+    assert beacon.enabled and beacon.hook is not None and beacon.middleware is None
+    assert not isinstance(app.wsgi_app, BeaconMiddleware)
 
 
 def test_app_factory_init_app_reads_the_app_config(rx: Receiver) -> None:
@@ -105,8 +107,9 @@ def test_app_factory_init_app_reads_the_app_config(rx: Receiver) -> None:
     [(_, req)] = rx.wait_requests("/", 1)
     assert (req.endpoint, req.status) == ("index", 200)
     assert app.extensions["flasktop_beacon"] is beacon
-    Beacon(app)  # a second beacon does not wrap twice
-    assert not isinstance(app.wsgi_app.wsgi_app, BeaconMiddleware)
+    hooked = (app.request_context, app.response_class, app.should_ignore_error)
+    Beacon(app)  # a second beacon does not hook twice
+    assert (app.request_context, app.response_class, app.should_ignore_error) == hooked
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     app.wsgi_app = ProxyFix(app.wsgi_app)  # ... nor when another middleware is around it
@@ -302,8 +305,8 @@ def test_localhost_is_resolved_once_preferring_ipv4_and_logged(caplog: pytest.Lo
         with caplog.at_level(logging.INFO, logger="flasktop.beacon"):
             app, beacon = beacon_app(text)
             Beacon(create_app(), address=text)
-        assert beacon.middleware is not None
-        assert beacon.middleware.reporter.sockaddr == ("127.0.0.1", rx.port)
+        assert beacon.reporter is not None
+        assert beacon.reporter.sockaddr == ("127.0.0.1", rx.port)
         lines = [r.getMessage() for r in caplog.records if r.name == "flasktop.beacon"]
         assert len([m for m in lines if "127.0.0.1" in m]) == 1
         call(app, "/")
@@ -378,7 +381,7 @@ def test_the_app_answers_byte_for_byte_the_same_whatever_happens_to_the_udp(trou
             assert _responses(app) == expected
             beacon.flush()
             if trouble == "beacon socket closed":
-                reporter = beacon.middleware.reporter
+                reporter = beacon.reporter
                 if reporter.sock is not None:
                     reporter.sock.close()
         stats = beacon.stats()
@@ -393,21 +396,34 @@ def test_the_app_answers_byte_for_byte_the_same_whatever_happens_to_the_udp(trou
             held.close()
 
 
+class _Broken:
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"broken beacon state: {name}")
+
+
 def test_a_broken_beacon_degrades_to_pass_through(rx: Receiver) -> None:
-    app, beacon = beacon_app(rx.address)
     expected = _responses(create_app())
-    reporter = beacon.middleware.reporter
+    app, beacon = beacon_app(rx.address)
+    reporter = beacon.reporter
+    assert beacon.hook is not None
+    call(app, "/")  # this thread's lane exists
+    lane = beacon.hook.tls.lane
     started, reporter.started = reporter.started, None  # type: ignore[assignment]
     try:
+        assert _responses(app) == expected  # the slow path's queue is gone
+        beacon.hook.tls.lane = _Broken()  # ... and the fast path's lane
         assert _responses(app) == expected
         assert _responses(app) == expected
+        mw = BeaconMiddleware(create_app(), address=rx.address)
+        assert _responses(mw) == expected  # the middleware without its queue
     finally:
         reporter.started = started
+        beacon.hook.tls.lane = lane
 
 
 def test_flusher_failures_are_logged_once_and_never_reach_the_app(rx: Receiver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     app, beacon = beacon_app(rx.address)
-    reporter = beacon.middleware.reporter
+    reporter = beacon.reporter
 
     class Exploding(dict):
         def get(self, *a: Any) -> Any:
@@ -428,9 +444,25 @@ def test_flusher_failures_are_logged_once_and_never_reach_the_app(rx: Receiver, 
     assert len(logged) == 1 and "flushing failed" in logged[0].getMessage()
 
 
-def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiver) -> None:
+def test_a_lane_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     app, beacon = beacon_app(rx.address)
-    reporter = beacon.middleware.reporter
+    reporter = beacon.reporter
+    monkeypatch.setattr(_reporter, "LANE_CAP", 300)
+    extra = 25
+    with reporter.lock:  # the flusher is held up: the lane keeps growing meanwhile
+        for _ in range(300 + extra):
+            call(app, "/")
+        assert reporter.stats()["queued"] == 300 + extra
+    rx.wait(lambda r: any(d.kind == "f" and d.dropped == extra for d in r.datagrams()),
+            message="an in-flight report with the drop count")
+    rx.wait(lambda r: r.count("/") >= 300, message="300 requests to /")
+    time.sleep(0.3)  # nothing more may come
+    assert rx.count("/") == 300 and reporter.stats()["queued"] == 0
+
+
+def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiver) -> None:
+    app = BeaconMiddleware(create_app(), address=rx.address)  # the slow path's queue
+    reporter = app.reporter
     with reporter.lock:  # the flusher is stuck: nothing leaves the queue
         call(app, "/")
         extra = 25
@@ -450,7 +482,7 @@ def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Rec
 
 def test_a_busy_flush_sends_its_budget_and_every_failure_one_by_one_and_counts_the_rest(rx: Receiver) -> None:
     app, beacon = beacon_app(rx.address)
-    reporter = beacon.middleware.reporter
+    reporter = beacon.reporter
     fast, teapots, booms = _reporter.BUDGET + 700, 300, 5
     with reporter.lock:  # one flush gets them all
         for i in range(fast):
@@ -529,7 +561,7 @@ def test_labels_are_clipped_and_encoded_like_protocol_encoder(rx: Receiver) -> N
     st = hypothesis.strategies
     app = create_app()
     beacon = Beacon(app, address=rx.address)
-    reporter = beacon.middleware.reporter
+    reporter = beacon.reporter
     labels = st.one_of(st.sampled_from(["/", "/a/<int:x>", "", "é/ü", "\x00\n\t\"\\"]),
                        st.text(max_size=300))
     row = st.tuples(labels, labels, st.sampled_from(["GET", "POST", "BREW"]),
@@ -671,5 +703,110 @@ def test_nobody_listening_for_long_keeps_every_store_bounded() -> None:
     assert stats["held"] <= _reporter.HOLD_CAP and stats["queued"] <= _reporter.QUEUE_CAP
     assert stats["inflight"] == 0
     assert stats["reported"] + stats["unheard"] + stats["held"] + stats["dropped"] >= 30_000
-    reporter = beacon.middleware.reporter
+    reporter = beacon.reporter
     assert len(reporter.labels) <= _reporter.CACHE_CAP and len(reporter.rules) <= _reporter.CACHE_CAP
+
+
+# ---------------------------------------------------------------------------
+# The Flask fast path: its fallbacks
+
+
+def test_a_response_class_set_after_the_beacon_is_hooked_too(rx: Receiver) -> None:
+    from flask import Response
+
+    class Late(Response):
+        default_mimetype = "text/x-late"
+
+    app, beacon = beacon_app(rx.address)
+    app.response_class = Late  # an extension's, set after Beacon(app)
+    worker = threading.Thread(target=lambda: call(app, "/orders/4"))  # that thread's first
+    worker.start()
+    worker.join()
+    [(_, req)] = rx.wait_requests("/orders/<int:oid>", 1)
+    assert (req.status, req.size) == (200, len(call(create_app(), "/orders/4")[2]))
+    assert issubclass(app.response_class, Late)
+
+    class Later(Response):
+        default_mimetype = "text/x-later"
+
+    call(app, "/whoami/1")  # this thread's lane exists before the swap
+    app.response_class = Later  # after this thread's requests: one goes uncounted, no more
+    status, headers, _ = call(app, "/")
+    assert dict(headers)["Content-Type"].startswith("text/x-later")
+    for _ in range(3):
+        call(app, "/")
+    rx.wait_requests("/", 3)
+    rx.wait(settled_once, message="a report after the requests")
+    assert len(rx.requests("/")) == 3 and beacon.stats()["dropped"] == 1
+    assert issubclass(app.response_class, Later)
+
+
+def test_responses_pickle_and_copy_as_the_apps_own_class(rx: Receiver) -> None:
+    import copy
+    import pickle
+
+    app, _ = beacon_app(rx.address)
+    base = app.response_class.__mro__[1]
+    with app.test_request_context("/"):
+        made = app.make_response("cached body")
+    assert type(pickle.loads(pickle.dumps(made))) is base  # no beacon class in a cache
+    assert type(copy.copy(made)) is base
+
+    @app.route("/cached")
+    def cached() -> Any:
+        return copy.copy(made)  # Flask makes it the app's class again
+
+    assert call(app, "/cached")[2] == b"cached body"
+    [(_, req)] = rx.wait_requests("/cached", 1)
+    assert (req.status, req.size) == (200, len(b"cached body"))
+
+
+def test_a_request_inside_a_request_is_reported_once_each(rx: Receiver) -> None:
+    app, _ = beacon_app(rx.address)
+
+    @app.route("/outer")
+    def outer() -> str:
+        inner = call(app, "/orders/3")  # the same app, the same thread, nested
+        return "outer saw " + inner[0]
+
+    assert call(app, "/outer")[2] == b"outer saw 200 OK"
+    [(_, out)] = rx.wait_requests("/outer", 1)
+    [(_, inner)] = rx.wait_requests("/orders/<int:oid>", 1)
+    assert out.tid == inner.tid == threading.get_native_id()
+    assert inner.duration_s <= out.duration_s and (out.status, inner.status) == (200, 200)
+    call(app, "/")  # the lane is free again
+    rx.wait_requests("/", 1)
+
+
+def test_a_thread_per_request_server_leaves_no_lane_behind(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    for i in range(40):  # like the development server: a new thread for every request
+        t = threading.Thread(target=call, args=(app, f"/orders/{i}"))
+        t.start()
+        t.join()
+    got = rx.wait_requests("/orders/<int:oid>", 40)
+    assert len({r.tid for _, r in got}) > 1
+    wait_until(lambda: beacon.flush() and beacon.stats()["lanes"] == 0, timeout=10,
+               message="the lanes of the finished threads forgotten")
+
+
+def test_groups_are_bounded_whatever_methods_and_statuses_arrive(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+
+    @app.route("/status/<int:code>")
+    def status(code: int) -> Tuple[str, int]:
+        return "s", code
+
+    for i in range(600):  # junk methods on a 404: one group
+        call(app, f"/nowhere/{i}", method=f"JUNK{i}")
+    for code in range(200, 600):
+        call(app, f"/status/{code}")
+    reporter = beacon.reporter
+    assert len(reporter.group_info) <= _reporter.GROUPS_CAP + 2
+    assert len(reporter.groups) <= 5 * _reporter.GROUPS_CAP
+    unmatched = [g for g in reporter.group_info[2:] if g[1] is None]
+    assert {g[2] for g in unmatched} == {"OTHER"}
+    total = 600 + 400
+    rx.wait(lambda r: r.count() >= total, timeout=20, message=f"{total} requests")
+    rx.wait(settled_once, message="all in")
+    assert rx.count() == total

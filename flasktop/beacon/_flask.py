@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
-from flasktop.beacon._address import AddressArg
+from flasktop.beacon._address import AddressArg, choose
+from flasktop.beacon._fast import FlaskHook, eligible
 from flasktop.beacon._middleware import BeaconMiddleware
-from flasktop.beacon._reporter import EXC, RULE, find_record
+from flasktop.beacon._reporter import EXC, RULE, Reporter, find_record, reporter_for
 
 log = logging.getLogger("flasktop.beacon")
 
@@ -23,7 +24,9 @@ class Beacon:
 
     def __init__(self, app: Any = None, address: AddressArg = None) -> None:
         self.address = address
-        self.middleware: Optional[BeaconMiddleware] = None
+        self.middleware: Optional[BeaconMiddleware] = None  # when the fast path can't be had
+        self.hook: Optional[FlaskHook] = None  # the Flask fast path
+        self.reporter: Optional[Reporter] = None
         if app is not None:
             self.init_app(app)
 
@@ -37,10 +40,19 @@ class Beacon:
     def _init_app(self, app: Any) -> None:
         existing = app.wsgi_app
         if isinstance(existing, BeaconMiddleware):
-            self.middleware = existing
+            self.middleware, self.reporter = existing, existing.reporter
             return
-        if "flasktop_beacon" in app.extensions:  # already in, under another middleware
-            self.middleware = app.extensions["flasktop_beacon"].middleware
+        if "flasktop_beacon" in app.extensions:  # already in (fast, or under another middleware)
+            other = app.extensions["flasktop_beacon"]
+            self.middleware, self.hook, self.reporter = other.middleware, other.hook, other.reporter
+            return
+        if eligible(app):
+            reporter = reporter_for(choose(self.address, app.config))
+            if reporter is None:
+                return
+            self.hook = FlaskHook(app, reporter)
+            self.reporter = reporter
+            app.extensions["flasktop_beacon"] = self
             return
         middleware = BeaconMiddleware(existing, self.address, config=app.config)
         if not middleware.enabled:
@@ -48,17 +60,19 @@ class Beacon:
         _watch_exceptions(app)
         app.wsgi_app = middleware
         app.extensions["flasktop_beacon"] = self
-        self.middleware = middleware
+        self.middleware, self.reporter = middleware, middleware.reporter
 
     @property
     def enabled(self) -> bool:
-        return self.middleware is not None
+        return self.reporter is not None
 
     def stats(self) -> Dict[str, int]:
-        return self.middleware.stats() if self.middleware is not None else {}
+        """Counters of this process's reporter (sent, reported, dropped, send_errors, ...)."""
+        return self.reporter.stats() if self.reporter is not None else {}
 
     def flush(self, timeout: float = 1.0) -> bool:
-        return self.middleware.flush(timeout) if self.middleware is not None else False
+        """Send what has ended now, from the calling thread."""
+        return self.reporter.flush(timeout) if self.reporter is not None else False
 
 
 def _record_exception(sender: Any, exception: Optional[BaseException] = None, **_: Any) -> None:

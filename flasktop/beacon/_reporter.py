@@ -23,7 +23,7 @@ from collections import _count_elements, deque  # type: ignore[attr-defined]
 from itertools import accumulate, compress, count, groupby, repeat
 from math import ceil
 from math import log as _ln
-from operator import add, eq, ge, is_, itemgetter, methodcaller, mul, not_, or_, sub, truth
+from operator import add, eq, ge, is_, itemgetter, lt, methodcaller, mul, not_, or_, sub, truth
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from flasktop import protocol
@@ -51,6 +51,12 @@ _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per dat
 # what the app would otherwise pay to encode and send. Every request is reported exactly once.
 BUDGET = 64
 SLOW_S = 0.005  # seconds; a request at least this long is always sent on its own
+# The Flask fast path (``_fast``) keeps each thread's requests in a lane of floats, and each
+# request's (status, rule, method, exception) as a group id into ``Reporter.group_info``.
+GROUPS_CAP = 2048
+LANE_CAP = 100_000  # requests a lane may hold between two flushes; the oldest past it are dropped
+UNTRACKED = -1.0  # the group of a request that left Flask unseen: status unknown, route unknown
+_STALE: Dict[str, Any] = {}  # a lane's environ after fork: its next request re-registers it
 
 # A record is a plain list, the cheapest thing to build on the request path. SIZE is
 # the Content-Length value (a str), else the bytes iterated so far (an int), else None.
@@ -103,6 +109,11 @@ class Reporter:
 
     def __init__(self, target: Target) -> None:
         self.family, self.sockaddr = target
+        # The fast path's lanes and groups: made once, kept across fork (the request path
+        # holds these very objects); lanes are re-registered by their thread after fork.
+        self.lanes: List[Any] = []
+        self.groups: Dict[tuple, float] = {(0, id(None), "OTHER", ""): UNTRACKED}
+        self.group_info: List[Any] = [None, (0, None, "OTHER", "")]
         self._reset()
 
     def _reset(self) -> None:
@@ -115,6 +126,9 @@ class Reporter:
         self.aggregated = 0  # requests reported as counts in aggregates (of reported)
         self.unheard = 0  # ended requests never sent: nobody listened while they were held
         self.held: Deque[list] = deque()  # ended while nobody listened, newest HOLD_S seconds
+        self.held_lanes: Deque[Tuple[int, Any]] = deque()  # (tid, quads), likewise
+        self.held_lane_count = 0
+        self.group_lock = threading.Lock()
         self.listening = True  # until the kernel refuses a datagram
         self.probed = False
         self.running = False
@@ -217,26 +231,107 @@ class Reporter:
                 running = list(compress(batch, map(not_, ends)))
                 flights.update(zip(map(id, running), running))
             ended += done
+        chunks = self._drain_lanes() if self.lanes else []
         held = self.held
+        held_lanes = self.held_lanes
         if self.listening:
             if held:
                 ended = list(held) + ended
                 held.clear()
+            if held_lanes:
+                chunks = list(held_lanes) + chunks
+                held_lanes.clear()
+                self.held_lane_count = 0
             budget = BUDGET
             for i in range(0, len(ended), CHUNK):
                 budget = self._send_ended(ended[i:i + CHUNK], budget)
+            for tid, quads in chunks:
+                for i in range(0, len(quads), 4 * CHUNK):
+                    budget = self._send_lane(tid, quads[i:i + 4 * CHUNK], budget)
         else:  # nobody listens (the kernel said so): hold, don't encode
             held.extend(ended)
             horizon = time.perf_counter() - HOLD_S
             while held and (len(held) > HOLD_CAP or held[0][T1] < horizon):
                 held.popleft()
                 self.unheard += 1
+            held_lanes.extend(chunks)
+            self.held_lane_count += sum(len(q) for _, q in chunks) // 4
+            while held_lanes and (self.held_lane_count > HOLD_CAP
+                                  or held_lanes[0][1][-4] + held_lanes[0][1][-1] < horizon):
+                gone = len(held_lanes.popleft()[1]) // 4
+                self.held_lane_count -= gone
+                self.unheard += gone
         if len(flights) > INFLIGHT_CAP:
             self._evict()
         now = time.perf_counter()
         if now - self.last_report >= REPORT_INTERVAL:
             self.last_report = now
+            if self.lanes:
+                with self.group_lock:
+                    self.prune_lanes()
             self._report(now, int(time.time() * 1000))
+
+    def _drain_lanes(self) -> List[Tuple[int, Any]]:
+        """Take every lane's ended requests: (tid, whole quads) per lane that has some.
+
+        Only this thread deletes from a lane, and only whole quads from its front; its own
+        thread only extends it by whole quads. Both are single operations under the GIL."""
+        out = []
+        for lane in list(self.lanes):
+            buf = lane.buf
+            n = len(buf)
+            n -= n % 4
+            if n:
+                quads = buf[:n]
+                del buf[:n]
+                if n > 4 * LANE_CAP:  # the flusher was held up: keep the newest
+                    self.dropped += n // 4 - LANE_CAP
+                    quads = quads[n - 4 * LANE_CAP:]
+                out.append((lane.tid, quads))
+        return out
+
+    def prune_lanes(self) -> None:
+        """Forget the lanes of threads that ended (a thread per request server). Called
+        with ``group_lock`` held; a lane is dropped only once the flusher emptied it."""
+        alive = [lane for lane in self.lanes if len(lane.buf) or lane.thread.is_alive()]
+        if len(alive) < len(self.lanes):
+            self.lanes[:] = alive
+
+    def fork_lanes(self) -> None:
+        """In a forked child: only the forking thread exists; its lane re-registers when
+        its next request finds the lane stale."""
+        me = threading.get_ident()
+        mine = [lane for lane in self.lanes if lane.ident == me]
+        del self.lanes[:]
+        for lane in mine:
+            lane.environ = _STALE
+            lane.gk = 0.0
+
+    def _lane_open(self) -> List[Tuple[float, str, str, Any, int]]:
+        """(start, route, endpoint, method, tid) of each lane's running request."""
+        out = []
+        info = self.group_info
+        for lane in list(self.lanes):
+            environ = lane.environ
+            if environ is None or environ is _STALE:
+                continue
+            t0, gk = lane.t0, lane.gk
+            try:
+                if gk:  # responding (a stream): its group knows the route
+                    _, rule, method, _ = info[int(abs(gk))]
+                    if rule is None:
+                        route, endpoint = protocol.UNMATCHED, ""
+                    else:
+                        route, endpoint = rule.rule, rule.endpoint or ""
+                else:
+                    if environ.get("werkzeug.request") is None:
+                        continue  # it left Flask unseen; its thread's next request settles it
+                    route, endpoint = _live_route(environ)
+                    method = environ.get("REQUEST_METHOD")
+            except Exception:  # noqa: BLE001 - the lane moved on meanwhile
+                continue
+            out.append((t0, route, endpoint, method, lane.tid))
+        return out
 
     # -- labels -----------------------------------------------------------------
 
@@ -272,7 +367,7 @@ class Reporter:
         code = _status(status)
         if len(self.codes) >= CACHE_CAP:
             self.codes.clear()
-        if type(status) is str:
+        if type(status) is str or type(status) is int:
             self.codes[status] = code
         return code
 
@@ -318,10 +413,7 @@ class Reporter:
             return
         now = time.perf_counter()
         t_ms = int(time.time() * 1000)
-        if min(durs) > protocol.AGG_MIN_S:  # protocol.bucket_of, done in C
-            keys = list(map(ceil, map(mul, map(_ln, durs), repeat(protocol.AGG_INV_LOG_GAMMA, n))))
-        else:  # rare: a duration at or below AGG_MIN_S, which bucket_of puts in the zero bucket
-            keys = list(map(protocol.bucket_of, durs))
+        keys = _bucket_keys(durs)
         rules = list(map(_get_rule, recs))
         methods = list(map(_get_method, recs))
         tids = list(map(_get_tid, recs))
@@ -348,6 +440,77 @@ class Reporter:
                 hit = self._rule(by_id[rid])
             rows.append([hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, "",
                          tid if 0 < tid < _MAX_TID else 1, int(span), sorted(buckets)])
+        for data in self.encoder.aggregates(t_ms, rows):
+            self._send(data)
+        self.reported += n
+        self.aggregated += n
+
+    def _send_lane(self, tid: int, quads: Any, budget: int) -> int:
+        """Send one lane's ended requests (start, group, size, duration quads), like
+        :meth:`_send_ended`: the budget and the slow or loud groups one by one (a group id
+        below zero is a 5xx, never started or an exception), the rest as aggregates."""
+        t0s = quads[0::4]
+        gks = quads[1::4]
+        durs = quads[3::4]
+        n = len(t0s)
+        budget = max(budget, 0)
+        quiet: Optional[List[bool]] = None
+        if n <= budget:
+            picked: Any = range(n)
+        elif max(durs) < SLOW_S and min(gks) > 0:  # the busy common case: all fast and fine
+            picked = range(budget)
+        else:
+            loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
+            loud[:budget] = repeat(True, budget)
+            picked = list(compress(range(n), loud))
+            quiet = list(map(not_, loud))
+        if picked:
+            info = self.group_info
+            sizes = quads[2::4]
+            recs = []
+            for i in picked:
+                code, rule, method, exc = info[int(abs(gks[i]))]
+                recs.append([t0s[i], None, code, sizes[i], tid, exc, t0s[i] + durs[i], rule, method])
+            self._send_requests(recs)
+        if n <= budget:
+            return budget - n
+        if quiet is None:  # the rest after the budget
+            self._aggregate_groups(tid, gks[budget:], durs[budget:],
+                                   t0s[budget] + durs[budget], t0s[-1] + durs[-1])
+        else:
+            qd = list(compress(durs, quiet))
+            if qd:
+                t1s = list(compress(map(add, t0s, durs), quiet))
+                self._aggregate_groups(tid, list(compress(gks, quiet)), qd, t1s[0], t1s[-1])
+        return 0
+
+    def _aggregate_groups(self, tid: int, gks: Any, durs: Any, first_end: float,
+                          last_end: float) -> None:
+        """Count one lane's quiet requests per group in protocol latency buckets."""
+        n = len(durs)
+        now = time.perf_counter()
+        t_ms = int(time.time() * 1000)
+        keys = _bucket_keys(durs)
+        grouped: Dict[float, List[Tuple[int, int]]] = {}
+        counts: Dict[Any, int] = {}
+        g0 = gks[0]
+        if gks.count(g0) == n:
+            _count_elements(counts, keys)
+            grouped[g0] = list(counts.items())
+        else:
+            _count_elements(counts, zip(gks, keys))
+            for (g, k), c in counts.items():
+                grouped.setdefault(g, []).append((k, c))
+        span = min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS)
+        tid = tid if 0 < tid < _MAX_TID else 1
+        info = self.group_info
+        rows = []
+        for g, buckets in grouped.items():
+            code, rule, method, exc = info[int(abs(g))]
+            hit = self.rules.get(id(rule))
+            if hit is None or hit[0] is not rule:
+                hit = self._rule(rule)
+            rows.append([hit[1][0], hit[2][0], method, code, exc, tid, int(span), sorted(buckets)])
         for data in self.encoder.aggregates(t_ms, rows):
             self._send(data)
         self.reported += n
@@ -458,9 +621,19 @@ class Reporter:
         # Only what is still running now: one that ended since this flush began goes out
         # as completed in the next flush, and must not also be reported as in flight.
         snap = [rec for rec in self.flights.values() if not rec[T1]]
+        lanes = self._lane_open() if self.lanes else []
+        if lanes:
+            snap += lanes
         snap.sort(key=itemgetter(T0))
         rows: List[list] = []
         for rec in snap[:REPORT_ROWS]:
+            if type(rec) is tuple:  # a lane's (start, route, endpoint, method, tid)
+                t0, route, endpoint, method, tid = rec
+                age = int((now - t0) * 1e6)
+                age = 0 if age < 0 else (age if age < _MAX_DUR_US else _MAX_DUR_US)
+                rows.append([self._label(route)[0], self._label(endpoint)[0],
+                             _METHODS.get(method, "OTHER"), tid if 0 < tid < _MAX_TID else 1, age])
+                continue
             try:
                 environ = rec[ENVIRON]
                 route, endpoint = _live_route(environ)
@@ -540,12 +713,15 @@ class Reporter:
     def stats(self) -> Dict[str, int]:
         """Counters: datagrams sent, requests reported / never sent (nobody listened) /
         held (nobody listening yet) / dropped (queue full), send errors, queue sizes."""
+        lanes = list(self.lanes)
         return {"sent": self.sent, "reported": self.reported, "aggregated": self.aggregated,
                 "unheard": self.unheard,
-                "held": len(self.held),
+                "held": len(self.held) + self.held_lane_count,
                 "listening": int(self.listening), "dropped": self.dropped,
-                "send_errors": self.send_errors, "queued": len(self.started),
-                "inflight": len(self.flights), "pid": self.encoder.pid}
+                "send_errors": self.send_errors,
+                "queued": len(self.started) + sum(len(lane.buf) // 4 for lane in lanes),
+                "inflight": len(self.flights) + len(self._lane_open()),
+                "lanes": len(lanes), "pid": self.encoder.pid}
 
     def close_socket(self) -> None:
         sock, self.sock = self.sock, None
@@ -570,6 +746,13 @@ def _live_route(environ: Any) -> Tuple[str, str]:
     return protocol.PENDING, ""
 
 
+def _bucket_keys(durs: List[float]) -> List[int]:
+    """protocol.bucket_of of each duration (seconds), done in C in the common case."""
+    if min(durs) > protocol.AGG_MIN_S:
+        return list(map(ceil, map(mul, map(_ln, durs), repeat(protocol.AGG_INV_LOG_GAMMA, len(durs)))))
+    return list(map(protocol.bucket_of, durs))  # rare: one at or below AGG_MIN_S (zero bucket)
+
+
 def _size(value: Any) -> int:
     try:
         return int(value)
@@ -578,6 +761,8 @@ def _size(value: Any) -> int:
 
 
 def _status(status: Any) -> int:
+    if type(status) is int:  # the fast path's groups hold the code itself
+        return status if 0 <= status <= 999 else 0
     try:
         code = int(status[:3])
     except Exception:  # noqa: BLE001 - None (never started) or garbage
@@ -618,6 +803,7 @@ def _after_fork_in_child() -> None:
         try:
             rep.close_socket()
             rep._reset()
+            rep.fork_lanes()
         except Exception:  # noqa: BLE001
             pass
 
@@ -626,7 +812,8 @@ def _at_exit() -> None:
     pid = os.getpid()
     for rep in list(_reporters.values()):
         try:
-            if rep.encoder.pid == pid and (rep.started or rep.flights):
+            if rep.encoder.pid == pid and (rep.started or rep.flights
+                                           or any(len(lane.buf) >= 4 for lane in rep.lanes)):
                 rep.flush(timeout=0.2)
         except Exception:  # noqa: BLE001
             pass

@@ -21,9 +21,13 @@ def post_worker_init(worker: Any) -> None:
     try:
         worker.wsgi = instrument(worker.wsgi)
         app = worker.wsgi
-        middleware = app if isinstance(app, BeaconMiddleware) else getattr(app, "wsgi_app", None)
-        if isinstance(middleware, BeaconMiddleware) and middleware.reporter is not None:
-            middleware.reporter.start()
+        beacon = (getattr(app, "extensions", None) or {}).get("flasktop_beacon")
+        if isinstance(app, BeaconMiddleware):
+            reporter = app.reporter
+        else:  # a Flask app: its Beacon's reporter (fast path or middleware)
+            reporter = getattr(beacon, "reporter", None)
+        if reporter is not None:
+            reporter.start()
     except Exception:  # noqa: BLE001 - the worker must boot whatever happens here
         import logging
 

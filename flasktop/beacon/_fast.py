@@ -1,0 +1,422 @@
+"""The Flask fast path: a beacon that adds no call of its own to a Flask request.
+
+A WSGI middleware costs a Flask app at least three Python calls per request (its own
+``__call__``, the ``start_response`` it wraps and the close of the iterable it wraps),
+and keeping a record object per request until another thread reads it costs more again
+(docs/benchmarks.md). So for a Flask app ``Beacon`` hooks into calls Flask makes anyway:
+
+- ``app.request_context`` (an instance attribute shadowing Flask's method) builds the
+  same ``RequestContext`` and appends the start time to its thread's *lane*;
+- ``app.response_class`` gets a subclass whose ``__call__`` is werkzeug's three lines
+  plus appending the request's group (status, rule, method) and size to the lane and
+  its end stamp to werkzeug's ``ClosingIterator`` callbacks;
+- ``app.should_ignore_error``, which Flask calls only when a request raised, ends a
+  request that an exception takes out of Flask (gunicorn's timeout, PROPAGATE_EXCEPTIONS).
+
+A lane is one thread's open request (its environ, start, group and size, as attributes)
+and an ``array('d')`` of the (start, group, size, duration) quads of its ended requests, which
+the end stamp extends in one call. Only its thread extends it; only the flusher takes
+whole quads from its front. Anything unusual (a nested request, greenlets sharing a
+thread, a streamed or file response, a status without Content-Length) takes the slow
+path instead: a record in the reporter's queue, exactly as the middleware makes.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import sys
+import threading
+from array import array
+from threading import get_ident, get_native_id
+from time import perf_counter
+from typing import Any, Callable, Dict, List, Optional
+
+from flasktop.beacon import _middleware
+from flasktop.beacon._middleware import _hook_file_wrapper, _Response
+from flasktop.beacon._reporter import (_METHODS, _STALE, EXC, QUEUE_CAP, RULE, STATUS, T1,
+                                       UNTRACKED, WAKE_AT, GROUPS_CAP, Reporter,
+                                       _log_failure_once)
+
+LANES_CAP = 1024  # threads with a lane; more (a thread per request server) take the slow path
+
+
+class Lane:
+    """One thread's requests: the open one as attributes, the ended ones as floats."""
+
+    __slots__ = ("buf", "environ", "t0", "gk", "size", "tid", "ident", "thread", "done")
+
+    def __init__(self) -> None:
+        self.buf = array("d")
+        self.environ: Optional[Dict[str, Any]] = None  # of the open request
+        self.t0 = 0.0
+        self.gk = 0.0  # the open request's group once it responded, else 0
+        self.size = -1.0
+        self.tid = get_native_id()
+        self.ident = get_ident()
+        self.thread = threading.current_thread()
+        self.done = self._done
+
+    def _done(self) -> None:
+        """The end stamp: first of the response's close callbacks."""
+        try:
+            if self.gk:
+                t0 = self.t0
+                self.buf.extend((t0, self.gk, self.size, perf_counter() - t0))
+                self.environ = None
+                self.gk = 0.0
+        except Exception:  # noqa: BLE001 - never into the server's close()
+            pass
+
+
+class _NoLane:
+    """Stands in for a lane when none may be made: every request takes the slow path."""
+
+    __slots__ = ("environ", "buf", "gk", "tid")
+
+    def __init__(self) -> None:
+        self.environ = _STALE
+        self.buf = array("d")
+        self.gk = 0.0
+        self.tid = get_native_id()
+
+
+def _thread_local() -> Any:
+    """The real thread's local. Under gevent's monkey patching threading.local is per
+    greenlet, which would make a lane per request; greenlets of one thread share a lane
+    and a request that overlaps another on it takes the slow path."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        try:
+            if monkey.is_module_patched("threading"):
+                return monkey.get_original("_threading_local", "local")()
+        except Exception:  # noqa: BLE001
+            pass
+    return threading.local()
+
+
+def eligible(app: Any) -> bool:
+    """Whether ``app`` is a Flask whose hooks are the ones this module knows."""
+    flask_app = sys.modules.get("flask.app")
+    ctx = sys.modules.get("flask.ctx")
+    werkzeug_response = getattr(sys.modules.get("werkzeug.wrappers.response"), "Response", None)
+    if flask_app is None or ctx is None or werkzeug_response is None:
+        return False
+    flask_cls = getattr(flask_app, "Flask", None)
+    if flask_cls is None or not isinstance(app, flask_cls):
+        return False
+    if "request_context" in vars(app) or "should_ignore_error" in vars(app):
+        return False
+    if getattr(type(app), "should_ignore_error", None) is None:
+        return False
+    response_class = getattr(app, "response_class", None)
+    return (isinstance(response_class, type) and issubclass(response_class, werkzeug_response)
+            and response_class.__call__ is werkzeug_response.__call__
+            and isinstance(getattr(ctx, "RequestContext", None), type))
+
+
+class FlaskHook:
+    """The fast path installed on one Flask app, reporting to ``reporter``."""
+
+    def __init__(self, app: Any, reporter: Reporter) -> None:
+        self.app = app
+        self.reporter = reporter
+        self.tls = _thread_local()
+        _middleware._find_closing()
+        self._closing = _middleware._CLOSING
+        own = type(app).request_context is sys.modules["flask.app"].Flask.request_context
+        self._make_ctx = sys.modules["flask.ctx"].RequestContext if own else None
+        self._orig_request_context = app.request_context
+        self._orig_should_ignore_error = app.should_ignore_error
+        self.response_class = self._subclass(app.response_class)
+        app.response_class = self.response_class
+        app.request_context = self._request_context_fn()
+        app.should_ignore_error = self._should_ignore_error
+
+    # -- the request path ----------------------------------------------------------
+
+    def _request_context_fn(self) -> Callable[[Dict[str, Any]], Any]:
+        app = self.app
+        tls = self.tls
+        make_ctx = self._make_ctx
+        orig = self._orig_request_context
+        busy = self._busy
+        new_lane = self._new_lane
+
+        def request_context(environ: Dict[str, Any]) -> Any:
+            t0 = perf_counter()
+            ctx = make_ctx(app, environ) if make_ctx is not None else orig(environ)
+            try:
+                lane = tls.lane
+            except AttributeError:
+                lane = tls.lane = new_lane()
+            try:
+                if lane.environ is None:
+                    lane.t0 = t0
+                    lane.environ = environ
+                else:
+                    busy(lane, environ, t0)
+            except Exception:  # noqa: BLE001 - a broken beacon: the request goes unreported
+                pass
+            return ctx
+
+        return request_context
+
+    def _subclass(self, base: type) -> type:
+        tls = self.tls
+        closing = self._closing
+        groups = self.reporter.groups
+        sizes = _SIZES
+        parse_size = _parse_size
+        rare = self._rare_response
+
+        class BeaconResponse(base):  # type: ignore[valid-type,misc]
+            def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+                app_iter, status, headers = self.get_wsgi_response(environ)
+                start_response(status, headers)
+                try:
+                    lane = tls.lane
+                    if lane.environ is environ and type(app_iter) is closing:
+                        name, value = headers[-1]
+                        if name == "Content-Length":
+                            gk = groups.get((self._status_code,
+                                             environ["werkzeug.request"].url_rule.rule,
+                                             environ["REQUEST_METHOD"]))
+                            size = sizes.get(value)  # parsing costs the request 8x more
+                            if size is None:
+                                size = parse_size(value)
+                            if gk:
+                                lane.size = size
+                                lane.gk = gk
+                                app_iter._callbacks.insert(0, lane.done)
+                                return app_iter
+                except Exception:  # noqa: BLE001 - a 404 (no rule): the rare path knows it
+                    pass
+                return rare(self, environ, app_iter, status, headers)
+
+            def __reduce_ex__(self, protocol: Any) -> Any:
+                # Pickled (a response cache) and copied as the app's own class, which any
+                # process can load; Flask makes a returned one this class again.
+                getstate = getattr(self, "__getstate__", None)
+                state = getstate() if getstate is not None else self.__dict__
+                return copyreg._reconstructor, (base, object, None), state
+
+        BeaconResponse.__name__ = base.__name__
+        BeaconResponse.__qualname__ = base.__qualname__
+        BeaconResponse.__doc__ = base.__doc__
+        return BeaconResponse
+
+    # -- rare branches ------------------------------------------------------------
+
+    def _new_lane(self) -> Any:
+        """This thread's first request: its lane (or, past LANES_CAP, the slow path's)."""
+        try:
+            rep = self.reporter
+            with rep.group_lock:
+                if len(rep.lanes) >= LANES_CAP:
+                    rep.prune_lanes()
+                    if len(rep.lanes) >= LANES_CAP:
+                        return _NoLane()
+                lane = Lane()
+                rep.lanes.append(lane)
+            rep.start()
+            if self.app.response_class is not self.response_class:
+                self._rehook()  # set after Beacon(app), before this thread's first request
+            return lane
+        except Exception:  # noqa: BLE001
+            _log_failure_once("recording a request")
+            return _NoLane()
+
+    def _group(self, code: int, rule: Any, raw_method: Any, exc: str = "") -> float:
+        """The group id of (code, rule, method, exc): negative when its requests are always
+        sent one by one (5xx, never started, an exception); 0 when the table is full."""
+        method = raw_method if raw_method in _METHODS else "OTHER"  # junk methods: one group
+        route = getattr(rule, "rule", None)
+        key = (code, route, raw_method)  # the request path's key
+        rep = self.reporter
+        with rep.group_lock:
+            full = (code, route, method, exc)
+            gk = rep.groups.get(full)
+            if gk is None:
+                if len(rep.group_info) > GROUPS_CAP:
+                    return 0.0
+                n = float(len(rep.group_info))
+                gk = -n if (code >= 500 or code <= 0 or exc) else n
+                rep.group_info.append((code, rule, method, exc))
+                rep.groups[full] = gk
+            if not exc and method is raw_method and route is not None \
+                    and len(rep.groups) < 4 * GROUPS_CAP:
+                rep.groups[key] = gk  # the request path finds it without a call
+            return gk
+
+    def _busy(self, lane: Any, environ: Dict[str, Any], t0: float) -> None:
+        """The thread's lane has a request open (or is stale after fork)."""
+        try:
+            if lane.environ is _STALE and isinstance(lane, Lane):  # first request after fork
+                with self.reporter.group_lock:
+                    del lane.buf[:]
+                    lane.tid = get_native_id()
+                    lane.gk = 0.0
+                    if lane not in self.reporter.lanes:
+                        self.reporter.lanes.append(lane)
+                lane.environ = None
+                self.reporter.start()
+            open_env = lane.environ
+            if open_env is not None and open_env is not _STALE and not lane.gk \
+                    and open_env.get("werkzeug.request") is None:
+                # The open request left Flask without our response: a response class set
+                # after this thread's first request, or another class's object returned by
+                # an after_request function. Its status and end are unknown (now may be
+                # long after): it is counted as dropped, never reported with a made-up time.
+                lane.environ = None
+                self.reporter.dropped += 1
+                if self.app.response_class is not self.response_class:
+                    self._rehook()
+            if lane.environ is None:
+                lane.t0 = t0
+                lane.environ = environ
+                return
+            self._slow_start(environ, t0)  # nested, or greenlets sharing the thread
+        except Exception:  # noqa: BLE001
+            _log_failure_once("recording a request")
+
+    def _rehook(self) -> None:
+        """``app.response_class`` was replaced: hook the new class too."""
+        with self.reporter.group_lock:
+            current = self.app.response_class
+            base = getattr(sys.modules.get("werkzeug.wrappers.response"), "Response", None)
+            if current is self.response_class or base is None or not isinstance(current, type) \
+                    or current.__call__ is not base.__call__:
+                return  # a class with its own __call__: its requests go untracked, counted
+            self.response_class = self._subclass(current)
+            self.app.response_class = self.response_class
+
+    def _finish_open(self, lane: Any, code: int, rule: Any, method: Any, exc: str) -> None:
+        """End the lane's open request now, as ``code`` (0: it never responded)."""
+        gk = self._group(code, rule, method, exc) or UNTRACKED
+        lane.buf.extend((lane.t0, gk, -1.0, perf_counter() - lane.t0))
+        lane.environ = None
+        lane.gk = 0.0
+
+    def _slow_start(self, environ: Dict[str, Any], t0: float) -> None:
+        """A record in the reporter's queue, as the middleware makes, for this request."""
+        rep = self.reporter
+        lane = getattr(self.tls, "lane", None)
+        tid = lane.tid if lane is not None else get_native_id()
+        rec = [t0, environ, None, None, tid, "", 0.0, None, environ.get("REQUEST_METHOD")]
+        started = rep.started
+        n = len(started)
+        if n >= QUEUE_CAP:
+            rep.dropped += 1
+            return
+        started.append(rec)
+        if n >= WAKE_AT and not rep.woken:
+            rep.wakeup()
+        if not rep.running:
+            rep.start()
+        environ["flasktop.rec"] = rec
+
+    def _rare_response(self, response: Any, environ: Dict[str, Any], app_iter: Any,
+                       status: str, headers: Any) -> Any:
+        """Every response the request path did not take: a new group, no matched rule
+        (404, 405), no Content-Length (a stream), a file, or a request on the slow path."""
+        try:
+            rec = environ.get("flasktop.rec")
+            lane = getattr(self.tls, "lane", None)
+            if rec is None and lane is not None and lane.environ is environ and not lane.gk:
+                size = _content_length(headers)
+                if size is not None and type(app_iter) is self._closing:
+                    req = environ.get("werkzeug.request")
+                    gk = self._group(response.status_code, getattr(req, "url_rule", None),
+                                     environ.get("REQUEST_METHOD"))
+                    if gk:
+                        lane.size = float(size)
+                        lane.gk = gk
+                        app_iter._callbacks.insert(0, lane.done)
+                        return app_iter
+                lane.environ = None  # this request moves to a record
+                self._slow_start(environ, lane.t0)
+                rec = environ.get("flasktop.rec")
+            if rec is None or rec[STATUS] is not None:
+                return app_iter
+            resp = _Response(rec, _no_start_response)
+            resp.start_response(status, headers)
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if file_wrapper is not None and type(app_iter) is file_wrapper:
+                return _hook_file_wrapper(app_iter, rec)
+            resp._it = app_iter
+            return resp
+        except Exception:  # noqa: BLE001
+            _log_failure_once("recording a response")
+            return app_iter
+
+    def _should_ignore_error(self, error: Optional[BaseException]) -> Any:
+        """Flask calls this only for a request that raised, before it forgets the request."""
+        try:
+            if error is not None:
+                self._raised(error)
+        except Exception:  # noqa: BLE001
+            pass
+        return self._orig_should_ignore_error(error)
+
+    def _raised(self, error: BaseException) -> None:
+        ctx = _current_request_ctx()
+        if ctx is None:
+            return
+        environ = ctx.request.environ
+        rule = getattr(ctx.request, "url_rule", None)
+        name = type(error).__name__
+        rec = environ.get("flasktop.rec")
+        if rec is not None:
+            if not rec[EXC]:
+                rec[EXC] = name
+            if rec[STATUS] is None and not rec[T1]:  # no response: the exception ends it
+                rec[RULE] = rule
+                _middleware._end(rec)
+            return
+        lane = getattr(self.tls, "lane", None)
+        if lane is None or lane.environ is not environ:
+            return
+        method = environ.get("REQUEST_METHOD")
+        if not lane.gk:  # raised out of Flask before any response: it ends here
+            self._finish_open(lane, 0, rule, method, name)
+        else:  # Flask made a 500 of it: the group learns the exception's name
+            code = self.reporter.group_info[int(abs(lane.gk))][0]
+            lane.gk = self._group(code, rule, method, name) or lane.gk
+
+
+_SIZES: Dict[str, float] = {}  # Content-Length value -> its float; the first SIZES_CAP seen
+SIZES_CAP = 4096
+
+
+def _parse_size(value: str) -> float:
+    size = float(int(value))
+    if len(_SIZES) < SIZES_CAP and size >= 0:
+        _SIZES[value] = size
+    return size
+
+
+def _current_request_ctx() -> Any:
+    globals_ = sys.modules.get("flask.globals")
+    cv = getattr(globals_, "_cv_request", None)
+    if cv is not None:
+        return cv.get(None)
+    stack = getattr(globals_, "_request_ctx_stack", None)  # Flask < 2.2
+    return getattr(stack, "top", None)
+
+
+def _content_length(headers: Any) -> Optional[int]:
+    try:
+        for name, value in headers:
+            if name.lower() == "content-length":
+                size = int(value)
+                return size if size >= 0 else None
+    except Exception:  # noqa: BLE001 - malformed: unknown
+        pass
+    return None
+
+
+def _no_start_response(*args: Any) -> None:
+    return None
+
+
+__all__: List[str] = ["FlaskHook", "Lane", "eligible"]
