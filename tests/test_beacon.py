@@ -810,3 +810,23 @@ def test_groups_are_bounded_whatever_methods_and_statuses_arrive(rx: Receiver) -
     rx.wait(lambda r: r.count() >= total, timeout=20, message=f"{total} requests")
     rx.wait(settled_once, message="all in")
     assert rx.count() == total
+
+
+def test_one_slow_request_among_fast_ones_of_its_route_goes_one_by_one(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+
+    @app.route("/nap/<int:ms>")
+    def nap(ms: int) -> str:
+        time.sleep(ms / 1000)
+        return "z"
+
+    with beacon.reporter.lock:  # one flush gets them all: the budget, then one group
+        for i in range(301):
+            call(app, "/nap/8" if i == 200 else "/nap/0")
+    rx.wait(lambda r: r.count("/nap/<int:ms>") >= 301, message="301 naps")
+    rx.wait(settled_once, message="all in")
+    assert rx.count("/nap/<int:ms>") == 301
+    slow = [r for _, r in rx.requests("/nap/<int:ms>") if r.duration_s >= 0.008]
+    assert len(slow) == 1
+    for _, a in rx.aggregates():
+        assert all(protocol.bucket_value(k) < _reporter.SLOW_S * 1.02 for k, _ in a.buckets)

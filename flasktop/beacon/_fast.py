@@ -43,7 +43,7 @@ LANES_CAP = 1024  # threads with a lane; more (a thread per request server) take
 class Lane:
     """One thread's requests: the open one as attributes, the ended ones as floats."""
 
-    __slots__ = ("buf", "environ", "t0", "gk", "size", "tid", "ident", "thread", "done")
+    __slots__ = ("buf", "environ", "t0", "gk", "size", "tid", "ident", "thread")
 
     def __init__(self) -> None:
         self.buf = array("d")
@@ -54,18 +54,6 @@ class Lane:
         self.tid = get_native_id()
         self.ident = get_ident()
         self.thread = threading.current_thread()
-        self.done = self._done
-
-    def _done(self) -> None:
-        """The end stamp: first of the response's close callbacks."""
-        try:
-            if self.gk:
-                t0 = self.t0
-                self.buf.extend((t0, self.gk, self.size, perf_counter() - t0))
-                self.environ = None
-                self.gk = 0.0
-        except Exception:  # noqa: BLE001 - never into the server's close()
-            pass
 
 
 class _NoLane:
@@ -168,6 +156,8 @@ class FlaskHook:
         sizes = _SIZES
         parse_size = _parse_size
         rare = self._rare_response
+        werkzeug_response = sys.modules["werkzeug.wrappers.response"].Response
+        own_close = getattr(base, "close", None) is werkzeug_response.close
 
         class BeaconResponse(base):  # type: ignore[valid-type,misc]
             def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -187,18 +177,43 @@ class FlaskHook:
                             if gk:
                                 lane.size = size
                                 lane.gk = gk
-                                app_iter._callbacks.insert(0, lane.done)
+                                self._ft_lane = lane  # close() ends the request
                                 return app_iter
                 except Exception:  # noqa: BLE001 - a 404 (no rule): the rare path knows it
                     pass
                 return rare(self, environ, app_iter, status, headers)
+
+            def close(self) -> None:
+                """The end stamp (the open request becomes a quad), then the base class's
+                close: werkzeug's own is inlined, so no call is added."""
+                lane = self._ft_lane
+                if lane is not None:
+                    self._ft_lane = None
+                    try:
+                        t0 = lane.t0
+                        lane.buf.extend((t0, lane.gk, lane.size, perf_counter() - t0))
+                        lane.environ = None
+                        lane.gk = 0.0
+                    except Exception:  # noqa: BLE001 - never into the server's close()
+                        pass
+                if own_close:
+                    if hasattr(self.response, "close"):
+                        self.response.close()
+                    for func in self._on_close:
+                        func()
+                else:
+                    base.close(self)
 
             def __reduce_ex__(self, protocol: Any) -> Any:
                 # Pickled (a response cache) and copied as the app's own class, which any
                 # process can load; Flask makes a returned one this class again.
                 getstate = getattr(self, "__getstate__", None)
                 state = getstate() if getstate is not None else self.__dict__
+                if isinstance(state, dict) and "_ft_lane" in state:
+                    state = {k: v for k, v in state.items() if k != "_ft_lane"}
                 return copyreg._reconstructor, (base, object, None), state
+
+            _ft_lane: Any = None  # the lane whose open request this response ends
 
         BeaconResponse.__name__ = base.__name__
         BeaconResponse.__qualname__ = base.__qualname__
@@ -331,7 +346,7 @@ class FlaskHook:
                     if gk:
                         lane.size = float(size)
                         lane.gk = gk
-                        app_iter._callbacks.insert(0, lane.done)
+                        response._ft_lane = lane
                         return app_iter
                 lane.environ = None  # this request moves to a record
                 self._slow_start(environ, lane.t0)

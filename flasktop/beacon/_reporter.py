@@ -14,6 +14,7 @@ import atexit
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -51,6 +52,8 @@ _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per dat
 # what the app would otherwise pay to encode and send. Every request is reported exactly once.
 BUDGET = 64
 SLOW_S = 0.005  # seconds; a request at least this long is always sent on its own
+_SLOW_KEY = protocol.bucket_of(SLOW_S)  # a bucket below it holds only durations below SLOW_S
+_MIN_KEY = math.ceil(math.log(protocol.AGG_MIN_S) * protocol.AGG_INV_LOG_GAMMA)  # above it: > AGG_MIN_S
 # The Flask fast path (``_fast``) keeps each thread's requests in a lane of floats, and each
 # request's (status, rule, method, exception) as a group id into ``Reporter.group_info``.
 GROUPS_CAP = 2048
@@ -454,42 +457,53 @@ class Reporter:
         durs = quads[3::4]
         n = len(t0s)
         budget = max(budget, 0)
-        quiet: Optional[List[bool]] = None
         if n <= budget:
-            picked: Any = range(n)
-        elif max(durs) < SLOW_S and min(gks) > 0:  # the busy common case: all fast and fine
-            picked = range(budget)
-        else:
-            loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
-            loud[:budget] = repeat(True, budget)
-            picked = list(compress(range(n), loud))
-            quiet = list(map(not_, loud))
-        if picked:
-            info = self.group_info
-            sizes = quads[2::4]
-            recs = []
-            for i in picked:
-                code, rule, method, exc = info[int(abs(gks[i]))]
-                recs.append([t0s[i], None, code, sizes[i], tid, exc, t0s[i] + durs[i], rule, method])
-            self._send_requests(recs)
-        if n <= budget:
+            self._lane_requests(tid, quads, range(n))
             return budget - n
-        if quiet is None:  # the rest after the budget
-            self._aggregate_groups(tid, gks[budget:], durs[budget:],
-                                   t0s[budget] + durs[budget], t0s[-1] + durs[-1])
-        else:
-            qd = list(compress(durs, quiet))
-            if qd:
-                t1s = list(compress(map(add, t0s, durs), quiet))
-                self._aggregate_groups(tid, list(compress(gks, quiet)), qd, t1s[0], t1s[-1])
+        if budget:
+            self._lane_requests(tid, quads, range(budget))
+        # The busy common case, in as few passes as can be: one group, none failed, none
+        # slow (its buckets all below SLOW_S's), none at the zero bucket's edge.
+        rest = gks[budget:]
+        g0 = rest[0]
+        if g0 > 0 and rest.count(g0) == n - budget:
+            counts: Dict[int, int] = {}
+            try:
+                _count_elements(counts, map(ceil, map(mul, map(_ln, durs[budget:]),
+                                                      repeat(protocol.AGG_INV_LOG_GAMMA, n - budget))))
+            except ValueError:  # a zero duration: log() refuses it; the exact path takes it
+                counts = {}
+            if counts and max(counts) < _SLOW_KEY and min(counts) > _MIN_KEY:
+                self._aggregate_rows(tid, {g0: list(counts.items())}, n - budget,
+                                     t0s[budget] + durs[budget], t0s[-1] + durs[-1])
+                return 0
+        loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
+        loud[:budget] = repeat(False, budget)  # sent above
+        picked = list(compress(range(n), loud))
+        if picked:
+            self._lane_requests(tid, quads, picked)
+        quiet = list(map(not_, loud))
+        quiet[:budget] = repeat(False, budget)
+        qd = list(compress(durs, quiet))
+        if qd:
+            t1s = list(compress(map(add, t0s, durs), quiet))
+            self._aggregate_groups(tid, list(compress(gks, quiet)), qd, t1s[0], t1s[-1])
         return 0
+
+    def _lane_requests(self, tid: int, quads: Any, picked: Any) -> None:
+        """Send the requests at ``picked`` of a lane's quads one by one."""
+        info = self.group_info
+        recs = []
+        for i in picked:
+            t0, gk, size, dur = quads[4 * i:4 * i + 4]
+            code, rule, method, exc = info[int(abs(gk))]
+            recs.append([t0, None, code, size, tid, exc, t0 + dur, rule, method])
+        self._send_requests(recs)
 
     def _aggregate_groups(self, tid: int, gks: Any, durs: Any, first_end: float,
                           last_end: float) -> None:
         """Count one lane's quiet requests per group in protocol latency buckets."""
         n = len(durs)
-        now = time.perf_counter()
-        t_ms = int(time.time() * 1000)
         keys = _bucket_keys(durs)
         grouped: Dict[float, List[Tuple[int, int]]] = {}
         counts: Dict[Any, int] = {}
@@ -501,6 +515,14 @@ class Reporter:
             _count_elements(counts, zip(gks, keys))
             for (g, k), c in counts.items():
                 grouped.setdefault(g, []).append((k, c))
+        self._aggregate_rows(tid, grouped, n, first_end, last_end)
+
+    def _aggregate_rows(self, tid: int, grouped: Dict[float, List[Tuple[int, int]]], n: int,
+                        first_end: float, last_end: float) -> None:
+        """Send a row per group: its (bucket, count) pairs, for requests that ended between
+        ``first_end`` and ``last_end`` (perf_counter seconds)."""
+        now = time.perf_counter()
+        t_ms = int(time.time() * 1000)
         span = min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS)
         tid = tid if 0 < tid < _MAX_TID else 1
         info = self.group_info
