@@ -180,7 +180,9 @@ def test_responses_are_byte_for_byte_the_same_with_the_beacon_and_nobody_listeni
         expected = [_comparable(plain.get(p)) for p in paths]
         for _ in range(2):
             assert [_comparable(beacon.get(p)) for p in paths] == expected
-        assert len(_udp_sockets(beacon.worker_pids())) == 1  # the beacon was there all along
+        # the beacon was there all along: its flusher opened its one socket
+        wait_until(lambda: len(_udp_sockets(beacon.worker_pids())) == 1, timeout=10,
+                   message="the beacon's socket in the worker")
     finally:
         plain.stop()
         beacon.stop()
