@@ -1,9 +1,10 @@
-"""The WSGI middleware: the only beacon code that runs on the request path.
+"""The WSGI middleware, for any WSGI app; its record is also the Flask fast path's slow path.
 
 Per request it reads the clock twice, builds one small list, keeps references in it
 (status string, Content-Length value, matched rule) and appends it to a deque. No
 formatting, no I/O, no lock: the flusher thread in ``_reporter`` does all of that.
 Indexes into the record are literals here for speed; their names are in ``_reporter``.
+A Flask app gets the cheaper hooks of ``_fast`` instead.
 """
 
 from __future__ import annotations

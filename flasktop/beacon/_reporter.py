@@ -1,11 +1,13 @@
-"""The per-process half of the beacon: the record queue, the flusher thread, the socket.
+"""The per-process half of the beacon: lanes, the record queue, the flusher thread, the socket.
 
-The request path (``_middleware``) builds one list per request, appends it to
-:attr:`Reporter.started` when the request begins and stamps its end time when the
-server closes the response. Everything else happens on the flusher thread: it moves
-records to its own in-flight table, notices which have ended, reads the matched rule,
-parses the status, finds the size, clips labels, encodes and sends. The flusher is
-started lazily and re-created after fork.
+The Flask fast path (``_fast``) leaves each ended request as four floats in its thread's
+lane; the middleware and the slow path (``_middleware``) build one list per request,
+append it to :attr:`Reporter.started` when the request begins and stamp its end time when
+the server closes the response. Everything else happens on the flusher thread: it takes
+the lanes' ended requests, moves records to its own in-flight table, notices which have
+ended, reads the matched rule, parses the status, finds the size, clips labels, counts
+busy flushes in aggregates, encodes and sends. The flusher is started lazily and
+re-created after fork.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ log = logging.getLogger("flasktop.beacon")
 
 QUEUE_CAP = 10_000  # records not yet seen by the flusher; past it requests go unreported, counted
 INFLIGHT_CAP = 10_000  # running requests tracked; past it the oldest are forgotten, counted
-WAKE_AT = 4096  # a queue this long wakes the flusher early (every ~150 ms up to ~27k req/s)
+WAKE_AT = 4096  # a queue this long wakes the flusher early (the slow path's queue)
 FLUSH_INTERVAL = 0.3  # seconds
 REPORT_INTERVAL = 1.0  # seconds between in-flight reports (the heartbeat)
 REPORT_ROWS = 96  # at most this many in-flight rows are encoded (oldest first)
