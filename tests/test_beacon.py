@@ -830,3 +830,15 @@ def test_one_slow_request_among_fast_ones_of_its_route_goes_one_by_one(rx: Recei
     assert len(slow) == 1
     for _, a in rx.aggregates():
         assert all(protocol.bucket_value(k) < _reporter.SLOW_S * 1.02 for k, _ in a.buckets)
+
+
+def test_a_test_request_context_is_no_request_and_loses_none(rx: Receiver) -> None:
+    from flask import url_for
+
+    app, beacon = beacon_app(rx.address)
+    with app.test_request_context("/"):  # e.g. url_for at start-up: a context, no request
+        assert url_for("order", oid=5) == "/orders/5"
+    call(app, "/orders/6")
+    [(_, req)] = rx.wait_requests("/orders/<int:oid>", 1)
+    rx.wait(settled_once, message="all in")
+    assert len(rx.requests()) == 1 and beacon.stats()["dropped"] == 0

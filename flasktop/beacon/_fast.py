@@ -278,13 +278,14 @@ class FlaskHook:
             open_env = lane.environ
             if open_env is not None and open_env is not _STALE and not lane.gk \
                     and open_env.get("werkzeug.request") is None:
-                # The open request left Flask without our response: a response class set
-                # after this thread's first request, or another class's object returned by
-                # an after_request function. Its status and end are unknown (now may be
-                # long after): it is counted as dropped, never reported with a made-up time.
+                # The open request context ended without our response. Most often it was
+                # app.test_request_context(), which makes none: nothing to report. Else a
+                # response class set after this thread's first request: that request's
+                # status and end are unknown (now may be long after), so it is counted as
+                # dropped, never reported with a made-up time.
                 lane.environ = None
-                self.reporter.dropped += 1
                 if self.app.response_class is not self.response_class:
+                    self.reporter.dropped += 1
                     self._rehook()
             if lane.environ is None:
                 lane.t0 = t0
