@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from flasktop.beacon._address import AddressArg, choose
 from flasktop.beacon._fast import FlaskHook, eligible
 from flasktop.beacon._middleware import BeaconMiddleware
-from flasktop.beacon._reporter import EXC, RULE, Reporter, find_record, reporter_for
+from flasktop.beacon._reporter import EXC, RULE, HasReporter, Reporter, find_record, reporter_for
 
 log = logging.getLogger("flasktop.beacon")
 
 
 
-class Beacon:
+class Beacon(HasReporter):
     """Report every request of a Flask app to flasktop over loopback UDP.
 
     ``address`` beats ``app.config["FLASKTOP_BEACON"]``, which beats the environment
@@ -62,17 +62,6 @@ class Beacon:
         app.extensions["flasktop_beacon"] = self
         self.middleware, self.reporter = middleware, middleware.reporter
 
-    @property
-    def enabled(self) -> bool:
-        return self.reporter is not None
-
-    def stats(self) -> Dict[str, int]:
-        """Counters of this process's reporter (sent, reported, dropped, send_errors, ...)."""
-        return self.reporter.stats() if self.reporter is not None else {}
-
-    def flush(self, timeout: float = 1.0) -> bool:
-        """Send what has ended now, from the calling thread."""
-        return self.reporter.flush(timeout) if self.reporter is not None else False
 
 
 def _record_exception(sender: Any, exception: Optional[BaseException] = None, **_: Any) -> None:

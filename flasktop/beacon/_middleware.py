@@ -16,7 +16,7 @@ from time import perf_counter
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional
 
 from flasktop.beacon._address import AddressArg, choose
-from flasktop.beacon._reporter import (QUEUE_CAP, WAKE_AT, Reporter, _log_failure_once,
+from flasktop.beacon._reporter import (QUEUE_CAP, WAKE_AT, HasReporter, Reporter, _log_failure_once,
                                        reporter_for)
 
 WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -38,7 +38,7 @@ def _find_closing() -> None:
 _tls = threading.local()
 
 
-class BeaconMiddleware:
+class BeaconMiddleware(HasReporter):
     """Wrap any WSGI app: ``app = BeaconMiddleware(app)``.
 
     ``address`` is ``"host:port"``, ``(host, port)`` or ``"off"``; when None, the
@@ -59,17 +59,6 @@ class BeaconMiddleware:
         except Exception:  # noqa: BLE001 - a broken beacon degrades to pass-through
             _log_failure_once("setting up")
 
-    @property
-    def enabled(self) -> bool:
-        return self.reporter is not None
-
-    def stats(self) -> Dict[str, int]:
-        """Counters of this process's reporter (sent, reported, dropped, send_errors, ...)."""
-        return self.reporter.stats() if self.reporter is not None else {}
-
-    def flush(self, timeout: float = 1.0) -> bool:
-        """Send what has ended now, from the calling thread."""
-        return self.reporter.flush(timeout) if self.reporter is not None else False
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         reporter = self.reporter

@@ -94,6 +94,25 @@ _get_method = itemgetter(METHOD)
 _get_tid = itemgetter(TID)
 
 
+class HasReporter:
+    """What ``Beacon`` and ``BeaconMiddleware`` both say about their process's reporter."""
+
+    __slots__ = ()
+    reporter: Optional["Reporter"]
+
+    @property
+    def enabled(self) -> bool:
+        return self.reporter is not None
+
+    def stats(self) -> Dict[str, int]:
+        """Counters of this process's reporter (sent, reported, dropped, send_errors, ...)."""
+        return self.reporter.stats() if self.reporter is not None else {}
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Send what has ended now, from the calling thread."""
+        return self.reporter.flush(timeout) if self.reporter is not None else False
+
+
 def _log_failure_once(what: str) -> None:
     global _first_failure_logged
     if not _first_failure_logged:
