@@ -435,8 +435,6 @@ class Reporter:
         n = len(recs)
         if not n:
             return
-        now = time.perf_counter()
-        t_ms = int(time.time() * 1000)
         keys = _bucket_keys(durs)
         rules = list(map(_get_rule, recs))
         methods = list(map(_get_method, recs))
@@ -455,19 +453,9 @@ class Reporter:
             _count_elements(counts, zip(ids, methods, codes, tids, keys))
             for (rid, method, code, tid, k), c in counts.items():
                 grouped.setdefault((rid, method, code, tid), []).append((k, c))
-        # The requests ended within about the last span (records are nearly in end order).
-        span = min((now - min(_get_t1(recs[0]), _get_t1(recs[-1]))) * 1000.0, _MAX_AGE_MS)
-        rows = []
-        for (rid, method, code, tid), buckets in grouped.items():
-            hit = self.rules.get(rid)
-            if hit is None or hit[0] is not by_id[rid]:
-                hit = self._rule(by_id[rid])
-            rows.append([hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, "",
-                         tid if 0 < tid < _MAX_TID else 1, int(span), sorted(buckets)])
-        for data in self.encoder.aggregates(t_ms, rows):
-            self._send(data)
-        self.reported += n
-        self.aggregated += n
+        self._emit_aggregates([(by_id[rid], method, code, "", tid, buckets)
+                               for (rid, method, code, tid), buckets in grouped.items()],
+                              n, _get_t1(recs[0]), _get_t1(recs[-1]))
 
     def _send_lane(self, tid: int, quads: Any, budget: int) -> int:
         """Send one lane's ended requests (start, group, size, duration quads), like
@@ -495,7 +483,7 @@ class Reporter:
             except ValueError:  # a zero duration: log() refuses it; the exact path takes it
                 counts = {}
             if counts and max(counts) < _SLOW_KEY and min(counts) > _MIN_KEY:
-                self._aggregate_rows(tid, {g0: list(counts.items())}, n - budget,
+                self._aggregate_lane(tid, {g0: list(counts.items())}, n - budget,
                                      t0s[budget] + durs[budget], t0s[-1] + durs[-1])
                 return 0
         loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
@@ -536,24 +524,33 @@ class Reporter:
             _count_elements(counts, zip(gks, keys))
             for (g, k), c in counts.items():
                 grouped.setdefault(g, []).append((k, c))
-        self._aggregate_rows(tid, grouped, n, first_end, last_end)
+        self._aggregate_lane(tid, grouped, n, first_end, last_end)
 
-    def _aggregate_rows(self, tid: int, grouped: Dict[float, List[Tuple[int, int]]], n: int,
+    def _aggregate_lane(self, tid: int, grouped: Dict[float, List[Tuple[int, int]]], n: int,
                         first_end: float, last_end: float) -> None:
-        """Send a row per group: its (bucket, count) pairs, for requests that ended between
-        ``first_end`` and ``last_end`` (perf_counter seconds)."""
-        now = time.perf_counter()
-        t_ms = int(time.time() * 1000)
-        span = min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS)
-        tid = tid if 0 < tid < _MAX_TID else 1
+        """Send a lane's (bucket, count) pairs per group id."""
         info = self.group_info
-        rows = []
+        groups = []
         for g, buckets in grouped.items():
             code, rule, method, exc = info[int(abs(g))]
+            groups.append((rule, method, code, exc, tid, buckets))
+        self._emit_aggregates(groups, n, first_end, last_end)
+
+    def _emit_aggregates(self, groups: List[Tuple[Any, Any, int, str, int, List[Tuple[int, int]]]],
+                         n: int, first_end: float, last_end: float) -> None:
+        """Send an aggregate row per (rule, method, code, exc, tid, buckets) group: ``n``
+        requests in all, which ended between ``first_end`` and ``last_end`` (perf_counter
+        seconds; records are nearly in end order, so these are the first and the last)."""
+        now = time.perf_counter()
+        t_ms = int(time.time() * 1000)
+        span = int(min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS))
+        rows = []
+        for rule, method, code, exc, tid, buckets in groups:
             hit = self.rules.get(id(rule))
             if hit is None or hit[0] is not rule:
                 hit = self._rule(rule)
-            rows.append([hit[1][0], hit[2][0], method, code, exc, tid, int(span), sorted(buckets)])
+            rows.append([hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, exc,
+                         tid if 0 < tid < _MAX_TID else 1, span, sorted(buckets)])
         for data in self.encoder.aggregates(t_ms, rows):
             self._send(data)
         self.reported += n
@@ -667,31 +664,16 @@ class Reporter:
         lanes = self._lane_open() if self.lanes else []
         if lanes:
             snap += lanes
-        snap.sort(key=itemgetter(T0))
+        snap.sort(key=itemgetter(T0))  # records and lanes' tuples both start with it
         rows: List[list] = []
         for rec in snap[:REPORT_ROWS]:
-            if type(rec) is tuple:  # a lane's (start, route, endpoint, method, tid)
-                t0, route, endpoint, method, tid = rec
+            try:
+                # a lane's (start, route, endpoint, method, tid) already, or a record
+                t0, route, endpoint, method, tid = rec if type(rec) is tuple else _running(rec)
                 age = int((now - t0) * 1e6)
                 age = 0 if age < 0 else (age if age < _MAX_DUR_US else _MAX_DUR_US)
                 rows.append([self._label(route)[0], self._label(endpoint)[0],
                              _METHODS.get(method, "OTHER"), tid if 0 < tid < _MAX_TID else 1, age])
-                continue
-            try:
-                environ = rec[ENVIRON]
-                route, endpoint = _live_route(environ)
-                if rec[RULE] is None:
-                    # Keep the matched rule: a request that dies by an exception Flask does
-                    # not catch (gunicorn's timeout SIGABRT raises SystemExit) never reaches
-                    # start_response, and Flask forgets the request before we see it end.
-                    rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
-                    if rule is not None:
-                        rec[RULE] = rule
-                age = int((now - rec[T0]) * 1e6)
-                age = 0 if age < 0 else (age if age < _MAX_DUR_US else _MAX_DUR_US)
-                tid = rec[TID] if 0 < rec[TID] < _MAX_TID else 1
-                rows.append([self._label(route)[0], self._label(endpoint)[0],
-                             _METHODS.get(rec[METHOD], "OTHER"), tid, age])
             except Exception:  # noqa: BLE001
                 continue
         # "dropped" on the wire: every ended request that never went out, the buffer
@@ -787,6 +769,20 @@ def _live_route(environ: Any) -> Tuple[str, str]:
     if getattr(req, "routing_exception", None) is not None:
         return protocol.UNMATCHED, ""
     return protocol.PENDING, ""
+
+
+def _running(rec: list) -> Tuple[float, str, str, Any, int]:
+    """(start, route, endpoint, method, tid) of a running record."""
+    environ = rec[ENVIRON]
+    route, endpoint = _live_route(environ)
+    if rec[RULE] is None:
+        # Keep the matched rule: a request that dies by an exception Flask does not catch
+        # (gunicorn's timeout SIGABRT raises SystemExit) never reaches start_response, and
+        # Flask forgets the request before we see it end.
+        rule = getattr(environ.get("werkzeug.request"), "url_rule", None)
+        if rule is not None:
+            rec[RULE] = rule
+    return rec[T0], route, endpoint, rec[METHOD], rec[TID]
 
 
 def _bucket_keys(durs: List[float]) -> List[int]:
