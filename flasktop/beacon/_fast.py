@@ -59,12 +59,10 @@ class Lane:
 class _NoLane:
     """Stands in for a lane when none may be made: every request takes the slow path."""
 
-    __slots__ = ("environ", "buf", "gk", "tid")
+    __slots__ = ("environ", "tid")
 
     def __init__(self) -> None:
-        self.environ = _STALE
-        self.buf = array("d")
-        self.gk = 0.0
+        self.environ = _STALE  # never a request's environ, never None: always "taken"
         self.tid = get_native_id()
 
 
@@ -86,7 +84,7 @@ def eligible(app: Any) -> bool:
     """Whether ``app`` is a Flask whose hooks are the ones this module knows."""
     flask_app = sys.modules.get("flask.app")
     ctx = sys.modules.get("flask.ctx")
-    werkzeug_response = getattr(sys.modules.get("werkzeug.wrappers.response"), "Response", None)
+    werkzeug_response = _werkzeug_response()
     if flask_app is None or ctx is None or werkzeug_response is None:
         return False
     flask_cls = getattr(flask_app, "Flask", None)
@@ -156,7 +154,7 @@ class FlaskHook:
         sizes = _SIZES
         parse_size = _parse_size
         rare = self._rare_response
-        werkzeug_response = sys.modules["werkzeug.wrappers.response"].Response
+        werkzeug_response = _werkzeug_response()
         own_close = getattr(base, "close", None) is werkzeug_response.close
 
         class BeaconResponse(base):  # type: ignore[valid-type,misc]
@@ -299,7 +297,7 @@ class FlaskHook:
         """``app.response_class`` was replaced: hook the new class too."""
         with self.reporter.group_lock:
             current = self.app.response_class
-            base = getattr(sys.modules.get("werkzeug.wrappers.response"), "Response", None)
+            base = _werkzeug_response()
             if current is self.response_class or base is None or not isinstance(current, type) \
                     or current.__call__ is not base.__call__:
                 return  # a class with its own __call__: its requests go untracked, counted
@@ -409,6 +407,11 @@ def _parse_size(value: str) -> float:
     if len(_SIZES) < SIZES_CAP and size >= 0:
         _SIZES[value] = size
     return size
+
+
+def _werkzeug_response() -> Any:
+    """werkzeug's Response class once the app imported it (looked up, never imported)."""
+    return getattr(sys.modules.get("werkzeug.wrappers.response"), "Response", None)
 
 
 def _current_request_ctx() -> Any:
