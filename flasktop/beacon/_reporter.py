@@ -136,7 +136,7 @@ class Reporter:
         # The fast path's lanes and groups: made once, kept across fork (the request path
         # holds these very objects); lanes are re-registered by their thread after fork.
         self.lanes: List[Any] = []
-        self.groups: Dict[tuple, float] = {(0, id(None), "OTHER", ""): UNTRACKED}
+        self.groups: Dict[tuple, float] = {(0, None, "OTHER", ""): UNTRACKED}
         self.group_info: List[Any] = [None, (0, None, "OTHER", "")]
         self._reset()
 
