@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import struct
 import threading
 import time
 from bisect import bisect_right
@@ -27,6 +28,7 @@ from itertools import accumulate, compress, count, groupby, repeat
 from math import ceil
 from math import log as _ln
 from operator import add, eq, ge, is_, itemgetter, lt, methodcaller, mul, not_, or_, sub, truth
+from array import array
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from flasktop import protocol
@@ -56,8 +58,10 @@ BUDGET = 64
 SLOW_S = 0.005  # seconds; a request at least this long is always sent on its own
 _SLOW_KEY = protocol.bucket_of(SLOW_S)  # a bucket below it holds only durations below SLOW_S
 _MIN_KEY = math.ceil(math.log(protocol.AGG_MIN_S) * protocol.AGG_INV_LOG_GAMMA)  # above it: > AGG_MIN_S
-# The Flask fast path (``_fast``) keeps each thread's requests in a lane of floats, and each
-# request's (status, rule, method, exception) as a group id into ``Reporter.group_info``.
+# The Flask fast path (``_fast``) keeps each thread's requests in a lane: a bytearray of QUAD
+# records (start, group, size, duration as native doubles), each request's (status, rule,
+# method, exception) as a group id into ``Reporter.group_info``.
+QUAD = struct.Struct("4d")
 GROUPS_CAP = 2048
 LANE_CAP = 100_000  # requests a lane may hold between two flushes; the oldest past it are dropped
 UNTRACKED = -1.0  # the group of a request that left Flask unseen: status unknown, route unknown
@@ -156,6 +160,7 @@ class Reporter:
         self.listening = True  # until the kernel refuses a datagram
         self.probed = False
         self.running = False
+        self.thread: Optional[threading.Thread] = None  # the flusher, once started
         self.woken = True  # no wake-ups until the flusher exists
         self.wake: Optional[Any] = None
         self.sock: Optional[socket.socket] = None
@@ -188,6 +193,7 @@ class Reporter:
                 self.wake = threading.Event()
                 thread = threading.Thread(target=self._run, name="flasktop-beacon", daemon=True)
                 thread.start()
+                self.thread = thread  # its CPU clock is what bench/beacon_overhead.py reads
                 self.woken = False
         except Exception:  # noqa: BLE001 - e.g. no threads at interpreter shutdown
             _log_failure_once("starting the flusher thread")
@@ -296,21 +302,26 @@ class Reporter:
             self._report(now, int(time.time() * 1000))
 
     def _drain_lanes(self) -> List[Tuple[int, Any]]:
-        """Take every lane's ended requests: (tid, whole quads) per lane that has some.
+        """Take every lane's ended requests: (tid, whole quads as an ``array('d')``) per lane
+        that has some.
 
         Only this thread deletes from a lane, and only whole quads from its front; its own
-        thread only extends it by whole quads. Both are single operations under the GIL."""
+        thread only appends whole quads. Both are single operations under the GIL (deleting
+        from a bytearray's front moves its start, not its bytes)."""
         out = []
+        size = QUAD.size
         for lane in list(self.lanes):
             buf = lane.buf
             n = len(buf)
-            n -= n % 4
+            n -= n % size
             if n:
-                quads = buf[:n]
+                data = buf[:n]
                 del buf[:n]
-                if n > 4 * LANE_CAP:  # the flusher was held up: keep the newest
-                    self.dropped += n // 4 - LANE_CAP
-                    quads = quads[n - 4 * LANE_CAP:]
+                if n > size * LANE_CAP:  # the flusher was held up: keep the newest
+                    self.dropped += n // size - LANE_CAP
+                    del data[:n - size * LANE_CAP]
+                quads = array("d")
+                quads.frombytes(data)
                 out.append((lane.tid, quads))
         return out
 
@@ -744,7 +755,7 @@ class Reporter:
                 "held": len(self.held) + self.held_lane_count,
                 "listening": int(self.listening), "dropped": self.dropped,
                 "send_errors": self.send_errors,
-                "queued": len(self.started) + sum(len(lane.buf) // 4 for lane in lanes),
+                "queued": len(self.started) + sum(len(lane.buf) // QUAD.size for lane in lanes),
                 "inflight": len(self.flights) + len(self._lane_open()),
                 "lanes": len(lanes), "pid": self.encoder.pid}
 
@@ -852,7 +863,7 @@ def _at_exit() -> None:
     for rep in list(_reporters.values()):
         try:
             if rep.encoder.pid == pid and (rep.started or rep.flights
-                                           or any(len(lane.buf) >= 4 for lane in rep.lanes)):
+                                           or any(len(lane.buf) >= QUAD.size for lane in rep.lanes)):
                 rep.flush(timeout=0.2)
         except Exception:  # noqa: BLE001
             pass
