@@ -2,16 +2,23 @@
 
 Part 1, in-process. Each variant is a fresh hello-world Flask app called directly as
 WSGI: a copy of a prebuilt environ per request, a no-op start_response, the response
-iterated and closed. Variants alternate in rounds (the order rotates each round).
-Two figures per variant:
+iterated and closed. In each round every variant serves ``--requests`` requests, the
+variants taking turns in blocks of ``--block`` requests (the order rotates each round), so
+a noisy neighbour slows them all alike. Two figures per variant:
 
-- CPU per request: the process's CPU time over a round divided by its requests. It
-  counts everything the beacon costs: the request path, its flusher thread (which
-  shares the GIL with the app), the kernel's sendto(). The beacon's last buffered
-  events are flushed inside the timed region. Reported as the median over rounds of
-  the difference to bare Flask in the same round (robust to noisy neighbours).
+- CPU per request: the serving thread's CPU over the variant's blocks, plus its end-of-
+  round flush, plus the CPU its own flusher thread used in the round (that thread's CPU
+  clock), over its requests. It counts everything the beacon costs: the request path, the
+  flusher (which shares the GIL with the app), the kernel's sendto(). Reported as the
+  median over rounds of the difference to bare Flask in the same round.
 - latency: the median over all requests of each request's own wall time; what a
   request waits for, i.e. the request path alone.
+
+By default a variant serves its round's requests in one turn, at full rate like a busy
+worker. ``--block 1000`` interleaves the variants in turns of 1,000 requests instead: the
+per-round differences are less noisy on a loaded machine (IQR about 2 us against 4-7 us),
+but each beacon is charged its flusher over the whole round (see ``in_process``), which is
+pessimistic.
 
 Part 2, through gunicorn: the same app under a real gunicorn (sync, one worker), bare
 and with the beacon (a listener draining), a bounded number of loopback requests from a
@@ -22,7 +29,8 @@ does its work on its own thread every 300 ms, as in a busy server, and the final
 round is a small part of it; short rounds (``--requests 1000``) flatter the beacon, since
 most of their flusher work then happens in that final flush, on the serving thread.
 
-    .venv/bin/python bench/beacon_overhead.py [--rounds 21] [--requests 20000] [--http 2000]
+    .venv/bin/python bench/beacon_overhead.py [--rounds 21] [--requests 20000] [--block 0]
+                                              [--http 2000]
 """
 
 from __future__ import annotations
@@ -132,40 +140,48 @@ class Drain:
             self.proc.wait()
 
 
-def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object]]]:
-    """name -> (wsgi callable, end-of-round hook run inside the timed region)."""
-    out: Dict[str, Tuple[Any, Callable[[], object]]] = {BARE: (hello_app(), lambda: None)}
+def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object], Callable[[], Any]]]:
+    """name -> (wsgi callable, end-of-round flush run on the serving thread, the variant's
+    background thread or None)."""
+    none: Callable[[], Any] = lambda: None  # noqa: E731
+    out: Dict[str, Tuple[Any, Callable[[], object], Callable[[], Any]]] = {
+        BARE: (hello_app(), lambda: None, none)}
     clock = hello_app()
     clock.wsgi_app = ClockOnly(clock.wsgi_app)  # type: ignore[method-assign]
-    out[CLOCK] = (clock, lambda: None)
+    out[CLOCK] = (clock, lambda: None, none)
     quiet = hello_app()
     b_quiet = Beacon(quiet, address=f"127.0.0.1:{free_udp_port()}")
-    out[QUIET] = (quiet, lambda: b_quiet.flush(5.0))
+    out[QUIET] = (quiet, lambda: b_quiet.flush(5.0), lambda: b_quiet.reporter.thread)
     heard = hello_app()
     b_heard = Beacon(heard, address=f"127.0.0.1:{listen_port}")
-    out[HEARD] = (heard, lambda: b_heard.flush(5.0))
+    out[HEARD] = (heard, lambda: b_heard.flush(5.0), lambda: b_heard.reporter.thread)
     try:
         from prometheus_client import CollectorRegistry
         from prometheus_flask_exporter import PrometheusMetrics
 
         prom = hello_app()
         PrometheusMetrics(prom, registry=CollectorRegistry(), group_by="url_rule")
-        out[PROM] = (prom, lambda: None)
+        out[PROM] = (prom, lambda: None, none)
     except ImportError:
         print("(prometheus_flask_exporter is not installed: that variant is skipped)")
     return out
 
 
-def run_round(app: Any, base: Dict[str, Any], n: int, end: Callable[[], object],
-              lat: Optional[List[float]] = None, other: Optional[List[float]] = None) -> float:
-    """CPU seconds per request over ``n`` requests; appends each request's wall time to ``lat``
-    and the CPU per request of the process's other threads (the flusher) to ``other``."""
+def thread_cpu(thread: Any) -> float:
+    """CPU seconds ``thread`` has used so far (0 for none, or one that ended)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (AttributeError, OSError, TypeError):
+        return 0.0
+
+
+def run_block(app: Any, base: Dict[str, Any], n: int, lat: Optional[List[float]] = None) -> float:
+    """Serve ``n`` requests on this thread: its CPU seconds; each request's wall time to ``lat``."""
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         return None
 
     clock = time.perf_counter
-    c0 = time.process_time()
-    m0 = time.thread_time()
+    c0 = time.thread_time()
     for _ in range(n):
         t = clock()
         it = app(base.copy(), start_response)
@@ -174,41 +190,72 @@ def run_round(app: Any, base: Dict[str, Any], n: int, end: Callable[[], object],
         it.close()
         if lat is not None:
             lat.append(clock() - t)
-    end()
-    cpu = time.process_time() - c0
-    if other is not None:
-        other.append((cpu - (time.thread_time() - m0)) / n)
-    return cpu / n
+    return time.thread_time() - c0
 
 
-def in_process(rounds: int, n: int) -> Dict[str, float]:
+def in_process(rounds: int, n: int, block: int) -> Dict[str, float]:
+    """Each round serves ``n`` requests of every variant, the order rotating each round.
+
+    With ``block`` 0 (or >= n) a variant serves its ``n`` in one turn, at full rate as a busy
+    worker does, and is charged its serving thread's CPU, its end-of-turn flush and what its
+    flusher thread used during the turn (that thread's own CPU clock). With a smaller
+    ``block`` the variants take turns of ``block`` requests, so that a noisy neighbour slows
+    them all alike; a flusher's work then spills into other variants' turns, so each is
+    charged its flusher's CPU over the whole round, which counts the flusher's periodic
+    wake-ups at a fraction of the request rate: pessimistic for the beacon."""
+    block = n if block <= 0 or block >= n else block
     with Drain() as drain:
         variants = make_variants(drain.port)
         base = EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
         names = list(variants)
         for name in names:  # warm up, and let the quiet beacon learn nobody listens
-            run_round(variants[name][0], base, min(n, 500), variants[name][1])
+            app, end, _thread = variants[name]
+            run_block(app, base, min(n, 500))
+            end()
         time.sleep(0.5)
         cpu: Dict[str, List[float]] = {name: [] for name in names}
         lat: Dict[str, List[float]] = {name: [] for name in names}
         other: Dict[str, List[float]] = {name: [] for name in names}
+
+        def flusher_cpu(name: str) -> float:
+            return thread_cpu(variants[name][2]())
+
         for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                app, end = variants[name]
-                cpu[name].append(run_round(app, base, n, end, lat[name], other[name]))
-    return report_in_process(cpu, lat, other, rounds, n)
+            order = names[r % len(names):] + names[:r % len(names)]
+            serve = {name: 0.0 for name in names}
+            bg = {name: 0.0 for name in names}
+            round0 = {name: flusher_cpu(name) for name in names}
+            for start in range(0, n, block):
+                last = start + block >= n
+                for name in order:
+                    app, end, _thread = variants[name]
+                    f0 = flusher_cpu(name)
+                    serve[name] += run_block(app, base, min(block, n - start), lat[name])
+                    if last:
+                        c0 = time.thread_time()
+                        end()
+                        serve[name] += time.thread_time() - c0
+                    bg[name] += flusher_cpu(name) - f0
+            for name in order:
+                if block < n:
+                    bg[name] = flusher_cpu(name) - round0[name]
+                cpu[name].append((serve[name] + bg[name]) / n)
+                other[name].append(bg[name] / n)
+    return report_in_process(cpu, lat, other, rounds, n, block)
 
 
 def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
-                      other: Dict[str, List[float]], rounds: int, n: int) -> Dict[str, float]:
+                      other: Dict[str, List[float]], rounds: int, n: int,
+                      block: int) -> Dict[str, float]:
     bare_cpu = statistics.median(cpu[BARE]) * 1e6
     bare_lat = statistics.median(lat[BARE]) * 1e6
     added: Dict[str, float] = {}
     print(f"\nIn-process WSGI, Flask hello world: {rounds} rounds x {n} requests per variant "
+          f"in turns of {block} "
           f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f})")
     print(f"{'variant':<27} {'CPU us/req':>10} {'added':>7} {'added %':>8} {'IQR':>6}"
-          f" | {'latency p50':>11} {'added':>7} | {'other threads':>13}")
+          f" | {'latency p50':>11} {'added':>7} | {'flusher':>7}")
     for name in cpu:
         diffs = [(c - b) * 1e6 for c, b in zip(cpu[name], cpu[BARE])]
         added[name] = statistics.median(diffs)
@@ -217,11 +264,10 @@ def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
         print(f"{name:<27} {statistics.median(cpu[name]) * 1e6:>10.2f} {added[name]:>+7.2f} "
               f"{added[name] / bare_cpu * 100:>+7.1f}% {q[2] - q[0]:>6.2f}"
               f" | {med_lat:>11.2f} {med_lat - bare_lat:>+7.2f}"
-              f" | {statistics.median(other[name]) * 1e6:>13.2f}")
+              f" | {statistics.median(other[name]) * 1e6:>7.2f}")
     print("(CPU: median over rounds; 'added' is the median of per-round differences to bare "
           "Flask; IQR of those differences. latency: median of every request's wall time. "
-          "other threads: CPU per request of threads other than the one serving, i.e. the "
-          "beacon's flusher; part of CPU.)")
+          "flusher: CPU per request of the variant's own flusher thread; part of CPU.)")
     prom = added.get(PROM)
     for name in (QUIET, HEARD):
         line = (f"{name}: adds {added[name]:.2f} us CPU = {added[name] / bare_cpu * 100:.1f}% "
@@ -371,11 +417,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--requests", type=int, default=20000, help="per variant per round")
+    p.add_argument("--block", type=int, default=0,
+                   help="requests a variant serves before the next variant's turn (0: all of the "
+                        "round's; see in_process)")
     p.add_argument("--http", type=int, default=2000, help="GETs per gunicorn round (0: skip)")
     p.add_argument("--http-rounds", type=int, default=4)
     p.add_argument("--clients", type=int, default=2)
     args = p.parse_args(argv)
-    in_process(max(2, args.rounds), max(100, args.requests))
+    in_process(max(2, args.rounds), max(100, args.requests), max(0, args.block))
     if args.http > 0:
         through_gunicorn(min(args.http, 20000), max(1, args.http_rounds), max(1, args.clients))
 
