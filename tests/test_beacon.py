@@ -460,6 +460,33 @@ def test_a_lane_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiv
     assert rx.count("/") == 300 and reporter.stats()["queued"] == 0
 
 
+def test_threads_serving_while_the_flusher_drains_lose_no_request_and_count_none_twice(rx: Receiver) -> None:
+    """Four threads append to their lanes while the flusher takes whole quads from the
+    lanes' fronts on its own thread: every request arrives exactly once."""
+    app, beacon = beacon_app(rx.address)
+    reporter = beacon.reporter
+    threads, per_thread = 4, 1500
+
+    def serve() -> None:
+        for i in range(per_thread):
+            call(app, f"/orders/{i}")
+
+    workers = [threading.Thread(target=serve) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    total = threads * per_thread
+    rx.wait(lambda r: r.count("/orders/<int:oid>") >= total, timeout=20,
+            message=f"{total} requests to /orders/<int:oid>")
+    rx.wait(settled_once, message="an empty in-flight report after the requests")
+    assert rx.count("/orders/<int:oid>") == total
+    assert beacon.stats()["aggregated"] > 0 and reporter.stats()["queued"] == 0
+    rows = rx.aggregates()
+    assert rows and all(a.route == "/orders/<int:oid>" and a.status == 200 for _, a in rows)
+    assert len({a.tid for _, a in rows}) > 1  # each thread's lane is counted as its own
+
+
 def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiver) -> None:
     app = BeaconMiddleware(create_app(), address=rx.address)  # the slow path's queue
     reporter = app.reporter
