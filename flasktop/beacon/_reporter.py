@@ -22,13 +22,13 @@ import socket
 import struct
 import threading
 import time
+from array import array
 from bisect import bisect_right
 from collections import _count_elements, deque  # type: ignore[attr-defined]
 from itertools import accumulate, compress, count, groupby, repeat
 from math import ceil
 from math import log2
 from operator import add, eq, ge, is_, itemgetter, lt, methodcaller, mul, not_, or_, sub, truth
-from array import array
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from flasktop import protocol
@@ -494,9 +494,8 @@ class Reporter:
         if g0 > 0 and rest.count(g0) == n - budget:
             counts: Dict[int, int] = {}
             try:
-                _count_elements(counts, map(ceil, map(mul, map(log2, durs[budget:]),
-                                                      repeat(_INV_LOG2_GAMMA, n - budget))))
-            except ValueError:  # a zero duration: log() refuses it; the exact path takes it
+                _count_elements(counts, _log_keys(durs[budget:]))
+            except ValueError:  # a zero duration: log2() refuses it; the exact path takes it
                 counts = {}
             if counts and max(counts) < _SLOW_KEY and min(counts) > _MIN_KEY:
                 self._aggregate_lane(tid, {g0: list(counts.items())}, n - budget,
@@ -801,10 +800,16 @@ def _running(rec: list) -> Tuple[float, str, str, Any, int]:
     return rec[T0], route, endpoint, rec[METHOD], rec[TID]
 
 
+def _log_keys(durs: Any) -> Any:
+    """An iterator of protocol.bucket_of over durations all above AGG_MIN_S, in C per item
+    (ValueError, when iterated, for a zero)."""
+    return map(ceil, map(mul, map(log2, durs), repeat(_INV_LOG2_GAMMA, len(durs))))
+
+
 def _bucket_keys(durs: List[float]) -> List[int]:
     """protocol.bucket_of of each duration (seconds), done in C in the common case."""
     if min(durs) > protocol.AGG_MIN_S:
-        return list(map(ceil, map(mul, map(log2, durs), repeat(_INV_LOG2_GAMMA, len(durs)))))
+        return list(_log_keys(durs))
     return list(map(protocol.bucket_of, durs))  # rare: one at or below AGG_MIN_S (zero bucket)
 
 
