@@ -67,6 +67,7 @@ _INV_LOG2_GAMMA = 1.0 / math.log2(protocol.AGG_GAMMA)
 # records (start, group, size, duration as native doubles), each request's (status, rule,
 # method, exception) as a group id into ``Reporter.group_info``.
 QUAD = struct.Struct("4d")
+_ONE_D = struct.Struct("d")
 GROUPS_CAP = 2048
 LANE_CAP = 100_000  # requests a lane may hold between two flushes; the oldest past it are dropped
 UNTRACKED = -1.0  # the group of a request that left Flask unseen: status unknown, route unknown
@@ -280,9 +281,8 @@ class Reporter:
             budget = BUDGET
             for i in range(0, len(ended), CHUNK):
                 budget = self._send_ended(ended[i:i + CHUNK], budget)
-            for tid, quads in chunks:
-                for i in range(0, len(quads), 4 * CHUNK):
-                    budget = self._send_lane(tid, quads[i:i + 4 * CHUNK], budget)
+            for tid, quads in chunks:  # whole: one aggregate row per group and flush
+                budget = self._send_lane(tid, quads, budget)
         else:  # nobody listens (the kernel said so): hold, don't encode
             held.extend(ended)
             horizon = time.perf_counter() - HOLD_S
@@ -491,7 +491,8 @@ class Reporter:
         # slow (its buckets all below SLOW_S's), none at the zero bucket's edge.
         rest = gks[budget:]
         g0 = rest[0]
-        if g0 > 0 and rest.count(g0) == n - budget:
+        # "all one group" as one memcmp: array.count() would make a float of every item
+        if g0 > 0 and rest.tobytes() == _ONE_D.pack(g0) * (n - budget):
             counts: Dict[int, int] = {}
             try:
                 _count_elements(counts, _log_keys(durs[budget:]))
