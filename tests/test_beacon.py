@@ -5,6 +5,7 @@ Gunicorn (sync, gthread, gevent, --preload, the config hook) is in test_beacon_g
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -412,6 +413,8 @@ def test_a_broken_beacon_degrades_to_pass_through(rx: Receiver) -> None:
     try:
         assert _responses(app) == expected  # the slow path's queue is gone
         beacon.hook.tls.lane = _Broken()  # ... and the fast path's lane
+        if beacon.hook.lane_var is not None:
+            beacon.hook.lane_var.set(_Broken())
         assert _responses(app) == expected
         assert _responses(app) == expected
         mw = BeaconMiddleware(create_app(), address=rx.address)
@@ -419,6 +422,8 @@ def test_a_broken_beacon_degrades_to_pass_through(rx: Receiver) -> None:
     finally:
         reporter.started = started
         beacon.hook.tls.lane = lane
+        if beacon.hook.lane_var is not None:
+            beacon.hook.lane_var.set(lane)
 
 
 def test_flusher_failures_are_logged_once_and_never_reach_the_app(rx: Receiver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -485,6 +490,36 @@ def test_threads_serving_while_the_flusher_drains_lose_no_request_and_count_none
     rows = rx.aggregates()
     assert rows and all(a.route == "/orders/<int:oid>" and a.status == 200 for _, a in rows)
     assert len({a.tid for _, a in rows}) > 1  # each thread's lane is counted as its own
+
+
+def test_a_context_copied_to_another_thread_does_not_lend_it_the_first_threads_lane(rx: Receiver) -> None:
+    """The request path finds its lane in a ContextVar. A thread that runs a copy of a
+    context in which another thread served a request (contextvars.copy_context(), as
+    asyncio.to_thread does) must still report its requests as its own thread's."""
+    app, beacon = beacon_app(rx.address)
+    call(app, "/")  # this thread's lane, in this thread's context
+    copied = contextvars.copy_context()
+    tids: List[int] = []
+
+    def serve() -> None:
+        tids.append(threading.get_native_id())
+        for _ in range(20):
+            call(app, "/orders/1")
+
+    t = threading.Thread(target=copied.run, args=(serve,))
+    t.start()
+    t.join()
+    rx.wait(lambda r: r.count("/orders/<int:oid>") >= 20, message="20 requests from the other thread")
+    rx.wait(settled_once, message="an empty in-flight report after the requests")
+    assert rx.count("/orders/<int:oid>") == 20
+    assert tids[0] != threading.get_native_id()
+    assert _tids(rx, "/orders/<int:oid>") == {tids[0]}
+    assert _tids(rx, "/") == {threading.get_native_id()}
+
+
+def _tids(rx: Receiver, route: str) -> set:
+    """The thread ids ``route``'s requests were reported with, one by one or aggregated."""
+    return {e.tid for _, e in rx.requests(route)} | {a.tid for _, a in rx.aggregates(route)}
 
 
 def test_the_queue_is_bounded_and_what_it_drops_is_counted_in_the_report(rx: Receiver) -> None:
