@@ -70,26 +70,24 @@ class _NoLane:
         self.ident = get_ident()
 
 
-def _thread_local() -> Any:
-    """The real thread's local. Under gevent's monkey patching threading.local is per
-    greenlet, which would make a lane per request; greenlets of one thread share a lane
-    and a request that overlaps another on it takes the slow path."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        try:
-            if monkey.is_module_patched("threading"):
-                return monkey.get_original("_threading_local", "local")()
-        except Exception:  # noqa: BLE001
-            pass
-    return threading.local()
-
-
 def _gevent_patched() -> bool:
     monkey = sys.modules.get("gevent.monkey")
     try:
         return monkey is not None and bool(monkey.is_module_patched("threading"))
     except Exception:  # noqa: BLE001
         return False
+
+
+def _thread_local() -> Any:
+    """The real thread's local. Under gevent's monkey patching threading.local is per
+    greenlet, which would make a lane per request; greenlets of one thread share a lane
+    and a request that overlaps another on it takes the slow path."""
+    if _gevent_patched():
+        try:
+            return sys.modules["gevent.monkey"].get_original("_threading_local", "local")()
+        except Exception:  # noqa: BLE001
+            pass
+    return threading.local()
 
 
 def eligible(app: Any) -> bool:
@@ -128,6 +126,9 @@ class FlaskHook:
         # own; there the thread-local alone is used, as before.
         self.lane_var: Optional[ContextVar] = None if _gevent_patched() else ContextVar(
             "flasktop_lane", default=None)
+        # The current context's lane, or None: the request path's one lookup
+        self._lane_of: Callable[[], Any] = (self.lane_var.get if self.lane_var is not None
+                                            else partial(getattr, self.tls, "lane", None))
         _middleware._find_closing()
         self._closing = _middleware._CLOSING
         own = type(app).request_context is sys.modules["flask.app"].Flask.request_context
@@ -143,41 +144,20 @@ class FlaskHook:
 
     def _request_context_fn(self) -> Callable[[Dict[str, Any]], Any]:
         app = self.app
-        tls = self.tls
         make_ctx = self._make_ctx
         orig = self._orig_request_context
         busy = self._busy
-        new_lane = self._new_lane
-        if self.lane_var is not None:
-            lane_get = self.lane_var.get
-            thread_lane = self._thread_lane
-
-            def request_context_cv(environ: Dict[str, Any]) -> Any:
-                t0 = perf_counter()
-                ctx = make_ctx(app, environ) if make_ctx is not None else orig(environ)
-                try:
-                    lane = lane_get()
-                    if lane is None or lane.ident != get_ident():
-                        lane = thread_lane()  # this context's first request on this thread
-                    if lane.environ is None:
-                        lane.t0 = t0
-                        lane.environ = environ
-                    else:
-                        busy(lane, environ, t0)
-                except Exception:  # noqa: BLE001 - a broken beacon: the request goes unreported
-                    pass
-                return ctx
-
-            return request_context_cv
+        lane_of = self._lane_of
+        thread_lane = self._thread_lane
+        check_thread = self.lane_var is not None  # a copied context may bring another's lane
 
         def request_context(environ: Dict[str, Any]) -> Any:
             t0 = perf_counter()
             ctx = make_ctx(app, environ) if make_ctx is not None else orig(environ)
             try:
-                lane = tls.lane
-            except AttributeError:
-                lane = tls.lane = new_lane()
-            try:
+                lane = lane_of()
+                if lane is None or check_thread and lane.ident != get_ident():
+                    lane = thread_lane()  # this context's first request on this thread
                 if lane.environ is None:
                     lane.t0 = t0
                     lane.environ = environ
@@ -202,8 +182,7 @@ class FlaskHook:
 
     def _subclass(self, base: type) -> type:
         # None, or a lane another thread's request left open, sends __call__ to the rare path
-        lane_of = (self.lane_var.get if self.lane_var is not None
-                   else partial(getattr, self.tls, "lane", None))
+        lane_of = self._lane_of
         closing = self._closing
         groups = self.reporter.groups
         pack = QUAD.pack
