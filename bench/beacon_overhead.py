@@ -6,31 +6,32 @@ iterated and closed. In each round every variant serves ``--requests`` requests,
 variants taking turns in blocks of ``--block`` requests (the order rotates each round), so
 a noisy neighbour slows them all alike. Two figures per variant:
 
-- CPU per request: the serving thread's CPU over the variant's blocks, plus its end-of-
-  round flush, plus the CPU its own flusher thread used in the round (that thread's CPU
-  clock), over its requests. It counts everything the beacon costs: the request path, the
-  flusher (which shares the GIL with the app), the kernel's sendto(). Reported as the
-  median over rounds of the difference to bare Flask in the same round.
+- CPU per request: the serving thread's CPU over the variant's turns, plus the CPU its
+  own flusher thread used in the whole round (that thread's CPU clock), over its requests.
+  It counts everything the beacon costs: the request path, the flusher (which shares the
+  GIL with the app), the kernel's sendto(). Reported as the median over rounds of the
+  difference to bare Flask in the same round.
 - latency: the median over all requests of each request's own wall time; what a
   request waits for, i.e. the request path alone.
 
-By default a variant serves its round's requests in one turn, at full rate like a busy
-worker. ``--block 1000`` interleaves the variants in turns of 1,000 requests instead: the
-per-round differences are less noisy on a loaded machine (IQR about 2 us against 4-7 us),
-but each beacon is charged its flusher over the whole round (see ``in_process``), which is
-pessimistic.
+A turn is one flush interval of a busy worker: 6,000 requests (about 0.3 s, the
+flusher's period, at this rate), then the flusher is woken and does its flush on its own
+thread, cold, as in production; the serving thread waits for it asleep. Short turns keep
+each round's variants close in time, so the per-round differences are steadier on a
+noisy machine (IQR 2-5 us, against 6-11 us for turns of 20,000). ``--block 1000``
+interleaves the variants within a round instead, which charges each beacon more flusher
+wake-ups per request than a busy worker has (see ``in_process``): pessimistic.
+
+The beacon is heard by flasktop's own listener (``--receiver flasktop``), in a process of
+its own, which reads on a 25 ms timer; ``--receiver recv`` is a receiver asleep in recv(),
+which every datagram must wake: what an app pays when whatever listens is built that way.
 
 Part 2, through gunicorn: the same app under a real gunicorn (sync, one worker), bare
-and with the beacon (a listener draining), a bounded number of loopback requests from a
-couple of client threads, alternating. Figures are printed, nothing is asserted.
+and with the beacon (heard by the same receiver), a bounded number of loopback requests
+from a couple of client threads, alternating. Figures are printed, nothing is asserted.
 
-Rounds are long by default (20,000 requests, about a second) so that the beacon's flusher
-does its work on its own thread every 300 ms, as in a busy server, and the final flush of a
-round is a small part of it; short rounds (``--requests 1000``) flatter the beacon, since
-most of their flusher work then happens in that final flush, on the serving thread.
-
-    .venv/bin/python bench/beacon_overhead.py [--rounds 21] [--requests 20000] [--block 0]
-                                              [--http 2000]
+    .venv/bin/python bench/beacon_overhead.py [--rounds 61] [--requests 6000] [--block 0]
+                                              [--http 2000] [--receiver flasktop]
 """
 
 from __future__ import annotations
@@ -58,12 +59,28 @@ from flasktop.beacon import Beacon  # noqa: E402
 
 BARE = "bare flask"
 QUIET = "beacon, nobody listening"
-HEARD = "beacon, listener draining"
+HEARD = "beacon, heard"
 PROM = "prometheus_flask_exporter"
 CLOCK = "clock-only middleware"
 
-# A listener in its own process: reads and discards until its stdin closes.
-DRAIN = r"""
+# The receiver, in its own process as flasktop is, until its stdin closes. "flasktop" is
+# flasktop's own Listener (it sleeps on a 25 ms timer and reads what waits, so a datagram
+# wakes nobody) drained four times a second as the engine does; "recv" is a receiver asleep
+# in recv(), which every datagram must wake: the sender's worst case.
+RECEIVERS = {
+    "flasktop": r"""
+import os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from flasktop.sources.listener import Listener
+listener = Listener(port=0)
+listener.start()
+print(listener.port, flush=True)
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+while True:
+    time.sleep(0.25)
+    listener.drain()
+""",
+    "recv": r"""
 import os, socket, sys, threading
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -72,7 +89,8 @@ print(s.getsockname()[1], flush=True)
 threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 while True:
     s.recv(65536)
-"""
+""",
+}
 
 
 def free_udp_port() -> int:
@@ -121,11 +139,14 @@ class _ClockClose:
 
 
 class Drain:
-    """The listener process; always stopped, by pid."""
+    """The receiver process (see RECEIVERS); always stopped, by pid."""
+
+    def __init__(self, receiver: str = "flasktop") -> None:
+        self.receiver = receiver
 
     def __enter__(self) -> "Drain":
-        self.proc = subprocess.Popen([sys.executable, "-c", DRAIN], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", RECEIVERS[self.receiver], str(ROOT)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         return self
@@ -151,10 +172,10 @@ def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object]
     out[CLOCK] = (clock, lambda: None, none)
     quiet = hello_app()
     b_quiet = Beacon(quiet, address=f"127.0.0.1:{free_udp_port()}")
-    out[QUIET] = (quiet, lambda: b_quiet.flush(5.0), lambda: b_quiet.reporter.thread)
+    out[QUIET] = (quiet, lambda: flush_on_flusher(b_quiet), lambda: b_quiet.reporter.thread)
     heard = hello_app()
     b_heard = Beacon(heard, address=f"127.0.0.1:{listen_port}")
-    out[HEARD] = (heard, lambda: b_heard.flush(5.0), lambda: b_heard.reporter.thread)
+    out[HEARD] = (heard, lambda: flush_on_flusher(b_heard), lambda: b_heard.reporter.thread)
     try:
         from prometheus_client import CollectorRegistry
         from prometheus_flask_exporter import PrometheusMetrics
@@ -165,6 +186,20 @@ def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object]
     except ImportError:
         print("(prometheus_flask_exporter is not installed: that variant is skipped)")
     return out
+
+
+def flush_on_flusher(beacon: Any, timeout: float = 5.0) -> None:
+    """End a turn as a busy worker's flush happens: wake the beacon's flusher thread and
+    wait, asleep, until it has sent every ended request. The flush's CPU is then that
+    thread's (charged to the variant by its CPU clock), spent as in production: by a thread
+    that slept, with cold caches, not by the serving thread with its caches warm."""
+    rep = beacon.reporter
+    rep.wakeup()
+    deadline = time.monotonic() + timeout
+    while any(len(lane.buf) for lane in list(rep.lanes)) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    with rep.lock:  # the flush that took them has finished
+        pass
 
 
 def thread_cpu(thread: Any) -> float:
@@ -193,18 +228,22 @@ def run_block(app: Any, base: Dict[str, Any], n: int, lat: Optional[List[float]]
     return time.thread_time() - c0
 
 
-def in_process(rounds: int, n: int, block: int) -> Dict[str, float]:
+def in_process(rounds: int, n: int, block: int, receiver: str = "flasktop") -> Dict[str, float]:
     """Each round serves ``n`` requests of every variant, the order rotating each round.
 
     With ``block`` 0 (or >= n) a variant serves its ``n`` in one turn, at full rate as a busy
-    worker does, and is charged its serving thread's CPU, its end-of-turn flush and what its
-    flusher thread used during the turn (that thread's own CPU clock). With a smaller
-    ``block`` the variants take turns of ``block`` requests, so that a noisy neighbour slows
-    them all alike; a flusher's work then spills into other variants' turns, so each is
-    charged its flusher's CPU over the whole round, which counts the flusher's periodic
-    wake-ups at a fraction of the request rate: pessimistic for the beacon."""
+    worker does; with a smaller ``block`` the variants take turns of ``block`` requests, so
+    that a noisy neighbour slows them all alike. After a variant's last turn of the round its
+    flusher is woken and the serving thread waits, asleep, until it has sent them all
+    (``flush_on_flusher``). Each variant is charged its serving thread's CPU over its turns,
+    plus its flusher thread's CPU over the whole round (that thread's own CPU clock): the
+    flushes during its turns and the last one, and also the idle wake-ups (one a second,
+    for the in-flight report) during the other variants' turns. Those a busy worker would
+    fold into its regular flushes, so the charge is on the beacon's pessimistic side, and
+    more so the smaller ``block`` is: interleaved, a flusher's regular wake-ups (every 300
+    ms) find a few hundred requests each, where a busy worker's find thousands."""
     block = n if block <= 0 or block >= n else block
-    with Drain() as drain:
+    with Drain(receiver) as drain:
         variants = make_variants(drain.port)
         base = EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
         names = list(variants)
@@ -223,35 +262,31 @@ def in_process(rounds: int, n: int, block: int) -> Dict[str, float]:
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             serve = {name: 0.0 for name in names}
-            bg = {name: 0.0 for name in names}
             round0 = {name: flusher_cpu(name) for name in names}
             for start in range(0, n, block):
                 last = start + block >= n
                 for name in order:
                     app, end, _thread = variants[name]
-                    f0 = flusher_cpu(name)
                     serve[name] += run_block(app, base, min(block, n - start), lat[name])
                     if last:
                         c0 = time.thread_time()
                         end()
                         serve[name] += time.thread_time() - c0
-                    bg[name] += flusher_cpu(name) - f0
             for name in order:
-                if block < n:
-                    bg[name] = flusher_cpu(name) - round0[name]
-                cpu[name].append((serve[name] + bg[name]) / n)
-                other[name].append(bg[name] / n)
-    return report_in_process(cpu, lat, other, rounds, n, block)
+                bg = flusher_cpu(name) - round0[name]
+                cpu[name].append((serve[name] + bg) / n)
+                other[name].append(bg / n)
+    return report_in_process(cpu, lat, other, rounds, n, block, receiver)
 
 
 def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
                       other: Dict[str, List[float]], rounds: int, n: int,
-                      block: int) -> Dict[str, float]:
+                      block: int, receiver: str = "flasktop") -> Dict[str, float]:
     bare_cpu = statistics.median(cpu[BARE]) * 1e6
     bare_lat = statistics.median(lat[BARE]) * 1e6
     added: Dict[str, float] = {}
     print(f"\nIn-process WSGI, Flask hello world: {rounds} rounds x {n} requests per variant "
-          f"in turns of {block} "
+          f"in turns of {block}, heard by the {receiver!r} receiver "
           f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f})")
     print(f"{'variant':<27} {'CPU us/req':>10} {'added':>7} {'added %':>8} {'IQR':>6}"
@@ -379,9 +414,9 @@ def load(port: int, total: int, clients: int, time_limit: float) -> Tuple[float,
     return len(lat) / wall, (statistics.median(lat) * 1e3 if lat else 0.0), len(lat)
 
 
-def through_gunicorn(total: int, rounds: int, clients: int) -> None:
+def through_gunicorn(total: int, rounds: int, clients: int, receiver: str = "flasktop") -> None:
     procs: List[subprocess.Popen] = []
-    with Drain() as drain, tempfile.TemporaryDirectory() as tmp:
+    with Drain(receiver) as drain, tempfile.TemporaryDirectory() as tmp:
         try:
             Path(tmp, "bench_app.py").write_text(APP)
             servers: Dict[str, int] = {}
@@ -404,7 +439,7 @@ def through_gunicorn(total: int, rounds: int, clients: int) -> None:
         finally:
             for proc in procs:
                 stop(proc)
-    print(f"\nThrough gunicorn (sync, 1 worker, beacon heard by a draining listener): {rounds} "
+    print(f"\nThrough gunicorn (sync, 1 worker, beacon heard by the {receiver!r} receiver): {rounds} "
           f"rounds x {total} GETs from {clients} client threads on loopback, a new connection "
           "per request; medians over rounds")
     print(f"{'variant':<20} {'req/s':>8} {'p50 ms':>8} {'worker CPU us/req':>18}")
@@ -415,18 +450,23 @@ def through_gunicorn(total: int, rounds: int, clients: int) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--requests", type=int, default=20000, help="per variant per round")
+    p.add_argument("--rounds", type=int, default=61)
+    p.add_argument("--requests", type=int, default=6000,
+                   help="per variant per round: a turn ends with its flush")
     p.add_argument("--block", type=int, default=0,
                    help="requests a variant serves before the next variant's turn (0: all of the "
                         "round's; see in_process)")
     p.add_argument("--http", type=int, default=2000, help="GETs per gunicorn round (0: skip)")
     p.add_argument("--http-rounds", type=int, default=4)
     p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--receiver", choices=sorted(RECEIVERS), default="flasktop",
+                   help="what hears the beacon: flasktop's own listener (default), or a "
+                        "receiver asleep in recv() that every datagram wakes (the worst case)")
     args = p.parse_args(argv)
-    in_process(max(2, args.rounds), max(100, args.requests), max(0, args.block))
+    in_process(max(2, args.rounds), max(100, args.requests), max(0, args.block), args.receiver)
     if args.http > 0:
-        through_gunicorn(min(args.http, 20000), max(1, args.http_rounds), max(1, args.clients))
+        through_gunicorn(min(args.http, 20000), max(1, args.http_rounds), max(1, args.clients),
+                         args.receiver)
 
 
 if __name__ == "__main__":

@@ -313,7 +313,16 @@ class Encoder:
                     index[s] = len(strings)
                     strings.append(s)
                 size += need
-                part = []
+                rest = buckets[i:] if i else buckets
+                # The common case in one C call: the rest of the row fits. Its compact JSON
+                # is one character longer than the sum of the per-bucket costs below.
+                whole = len(json.dumps(rest, separators=(",", ":"))) - 1
+                if len(rest) <= _MAX_AGG_BUCKETS and size + whole <= MAX_DATAGRAM:
+                    part = rest
+                    size += whole
+                    i = len(buckets)
+                else:
+                    part = []
                 while i < len(buckets) and len(part) < _MAX_AGG_BUCKETS:
                     k, n = buckets[i]
                     cost = len(str(k)) + len(str(n)) + 4
