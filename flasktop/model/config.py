@@ -12,6 +12,7 @@ class ModelConfig:
     window_s: float = 60.0  # the "recent" window for rates, percentiles, shares
     window_slots: int = 6  # sub-windows it rotates in; one latency history point per slot
     max_routes: int = 200  # distinct (route, method) kept; the rest fold into "<other>"
+    # (a route idle for a whole window gives its row to a new one)
     slowest_per_route: int = 10  # slowest recent requests kept per route
     history_points: int = 360  # latency history points per route (an hour at 10 s)
     histogram_bins: int = 24

@@ -53,6 +53,9 @@ class Model:
         self._routes: Dict[RouteKey, RouteStats] = {}
         self._other: Optional[RouteStats] = None
         self._dropped = DistinctCounter()
+        self._evicted = 0  # idle routes forgotten to make room for new ones
+        self._idle: List[Tuple[int, RouteKey]] = []  # eviction candidates, idle longest last
+        self._idle_epoch = -2
         self._workers: Dict[int, WorkerState] = {}
         self._tick: Optional[TopologyTick] = None
         self._count = 0
@@ -146,23 +149,59 @@ class Model:
     def _route(self, key: RouteKey) -> RouteStats:
         rs = self._routes.get(key)
         if rs is not None:
+            rs.touched = self._epoch
             return rs
         cfg = self.cfg
-        if len(self._routes) < cfg.max_routes:
+        if len(self._routes) < cfg.max_routes or self._make_room():
             rs = RouteStats(key[0], key[1], self._nslots, self._new_sketch(), cfg.history_points)
+            rs.touched = self._epoch
             self._routes[key] = rs
             return rs
         self._dropped.add(key[1] + " " + key[0])
+        return self._other_route()
+
+    def _other_route(self) -> RouteStats:
         if self._other is None:
             self._other = RouteStats(OTHER, OTHER_METHOD, self._nslots, self._new_sketch(),
-                                     cfg.history_points)
+                                     self.cfg.history_points)
         return self._other
+
+    def _make_room(self) -> bool:
+        """The table is full: forget the route idle longest, if it has been idle (no request,
+        no sample) for a whole window, so that a route first seen late (an app with more
+        routes than the cap, a deploy that adds one) gets a row of its own instead of
+        folding into <other>. What the forgotten route counted since attach moves to
+        <other>, so the routes still add up to every request. Idle routes are listed at
+        most once a slot: a flood of new names costs one scan of the table per slot, not
+        one per name."""
+        epoch = self._epoch
+        if epoch != self._idle_epoch:
+            self._idle_epoch = epoch
+            horizon = epoch - self._nslots
+            idle = [(rs.touched, key) for key, rs in self._routes.items() if rs.touched <= horizon]
+            idle.sort(reverse=True)  # idle longest last: popped first
+            self._idle = idle
+        while self._idle:
+            touched, key = self._idle.pop()
+            rs = self._routes.get(key)
+            if rs is not None and rs.touched == touched:  # still as idle as when listed
+                del self._routes[key]
+                self._evicted += 1
+                self._dropped.add(key[1] + " " + key[0])
+                other = self._other_route()
+                other.count += rs.count
+                other.errors += rs.errors
+                other.total.merge(rs.total)
+                return True
+        return False
 
     def _new_sketch(self) -> Sketch:
         return Sketch(self.cfg.sketch_accuracy, self.cfg.sketch_max_buckets)
 
     def _retire(self, rs: RouteStats, epoch: int) -> None:
-        """Archive every slot of ``rs`` that has left the window, oldest first."""
+        """Archive every slot of ``rs`` that has left the window, oldest first. Called by
+        the route's first request (or aggregate) of a slot, which also marks it touched."""
+        rs.touched = epoch
         expired = sorted((s for s in rs.slots if 0 <= s.epoch <= epoch - self._nslots),
                          key=lambda s: s.epoch)
         for s in expired:
@@ -594,6 +633,8 @@ class Model:
             "source_states": len(self._pid_states) + len(self._states),
             "held_datagrams": len(self._held),
             "distinct_dropped": len(self._dropped._heap),
+            "idle_candidates": len(self._idle),
+            "routes_evicted": self._evicted,
         }
 
     def _all_routes(self) -> List[RouteStats]:

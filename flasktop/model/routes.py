@@ -47,7 +47,7 @@ class Slot:
 
 class RouteStats:
     __slots__ = ("route", "method", "count", "errors", "total", "slots", "history",
-                 "hot", "hot_leaf", "hot_samples", "last_exc", "archived", "memo")
+                 "hot", "hot_leaf", "hot_samples", "last_exc", "archived", "memo", "touched")
 
     def __init__(self, route: str, method: str, slots: int, sketch: Sketch,
                  history: int) -> None:
@@ -66,6 +66,7 @@ class RouteStats:
         self.last_exc = ""
         self.archived = 0  # history points ever archived (a version for memoisation)
         self.memo: Dict[str, Tuple[object, object]] = {}
+        self.touched = -1  # the last slot epoch a request or sample concerned this route
 
     def window_slots(self, epoch: int) -> List[Slot]:
         """The slots inside the window ending at ``epoch`` (inclusive), in no particular order."""

@@ -241,6 +241,30 @@ def test_a_million_distinct_route_names_keep_memory_bounded() -> None:
     assert sizes["sketch_buckets"] < 201 * 7 * 10
 
 
+def test_a_route_first_seen_when_the_table_is_full_takes_the_row_of_one_idle_for_a_window() -> None:
+    m = attached(max_routes=3)
+    t = T0 + 1
+    m.feed(done(7, t, [req(r, 0.01, t) for r in ("/a", "/b", "/c")]), t)
+    m.feed(done(7, t + 1, [req("/d", 0.01, t + 1)]), t + 1)  # all three busy: it folds
+    assert {r.route for r in m.snapshot(t + 1).routes} == {"/a", "/b", "/c", "<other>"}
+    # A window later /a keeps serving and /b is being sampled (a request stuck in it); /c
+    # had nothing for a whole window, so a new route takes its row.
+    late = t + 75
+    m.feed(done(7, late, [req("/a", 0.01, late)]), late)
+    m.feed(flying(7, late, [("/b", 9, late - 70)]), late)
+    for i in range(3):
+        m.feed(sample(7, late + i, [(9, app_frames("wait_for_lock"))]), late + i)
+    m.feed(done(7, late + 3, [req("/e", 0.02, late + 3)]), late + 3)
+    m.feed(done(7, late + 4, [req("/f", 0.02, late + 4)]), late + 4)  # nothing else idle
+    snap = m.snapshot(late + 4)
+    assert {r.route for r in snap.routes} == {"/a", "/b", "/e", "<other>"}
+    assert route(snap, "/e").count == 1
+    assert route(snap, "<other>").count == 3  # /d, what /c counted, then /f
+    assert sum(r.count for r in snap.routes) == snap.workers[0].requests_served == 7
+    assert snap.routes_dropped == 3  # /d, /c, /f
+    assert m.sizes()["routes_evicted"] == 1 and m.sizes()["routes"] == 4
+
+
 def test_distinct_count_is_exact_while_small() -> None:
     m = attached(max_routes=2)
     t = T0 + 1
