@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 from hypothesis import given, settings
@@ -210,9 +210,19 @@ def test_gthread_config_from_the_real_command_line() -> None:
 
 # ----------------------------------------------------------------------------- not gunicorn
 
+def exec_done(pid: int, argv: List[str]) -> None:
+    """Wait until ``pid`` runs ``argv``: just after fork it still has the parent's command
+    line (pytest's), which would be named in the message instead."""
+    want = "\0".join(argv).encode() + b"\0"
+    wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() == want, timeout=10,
+               message=f"{pid} to exec {argv[0]}")
+
+
 def test_a_plain_process_is_not_gunicorn() -> None:
-    proc = subprocess.Popen(["sleep", "30"])
+    argv = ["sleep", "30"]
+    proc = subprocess.Popen(argv)
     try:
+        exec_done(proc.pid, argv)
         with pytest.raises(NotGunicorn) as e:
             resolve_master(proc.pid)
         assert str(e.value) == f"pid {proc.pid} (sleep 30) is not a gunicorn master or worker"
@@ -222,8 +232,10 @@ def test_a_plain_process_is_not_gunicorn() -> None:
 
 
 def test_a_python_script_is_not_gunicorn() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    proc = subprocess.Popen(argv)
     try:
+        exec_done(proc.pid, argv)
         with pytest.raises(NotGunicorn) as e:
             resolve_master(proc.pid)
         msg = str(e.value)
