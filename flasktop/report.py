@@ -5,34 +5,11 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional, Tuple
 
+from flasktop.fmt import fmt_bytes, fmt_duration, fmt_ms
 from flasktop.model.snapshot import Snapshot, WorkerView
 from flasktop.textsafe import sanitize
 
 DETAIL_LIMIT = 300  # a source's or a worker's one-line explanation
-
-
-def _ms(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    if v >= 10_000:
-        return f"{v / 1000:.0f}s"
-    if v >= 1000:
-        return f"{v / 1000:.1f}s"
-    if v >= 10:
-        return f"{v:.0f}ms"
-    return f"{v:.1f}ms"
-
-
-def _mb(v: Optional[int]) -> str:
-    return "-" if v is None else f"{v / 1048576:.0f}M"
-
-
-def _age(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f}h"
-    if seconds >= 60:
-        return f"{seconds / 60:.0f}m{seconds % 60:02.0f}s"
-    return f"{seconds:.0f}s"
 
 
 def _request(w: WorkerView) -> str:
@@ -40,7 +17,7 @@ def _request(w: WorkerView) -> str:
     if f is None:
         return ""
     bound = "at least " if f.source == "stack" else ""
-    return f"{sanitize(f.method)} {sanitize(f.route, 80)} for {bound}{_age(f.elapsed_s)}"
+    return f"{sanitize(f.method)} {sanitize(f.route, 80)} for {bound}{fmt_duration(f.elapsed_s)}"
 
 
 def _missing(items: Tuple[str, ...]) -> str:
@@ -95,8 +72,8 @@ def render(snap: Snapshot, width: int = 100) -> str:
         for r in snap.routes[:25]:
             name = sanitize(f"{r.method} {r.route}", 40)
             mark = "*" if r.slow else " "
-            out.append(f" {mark}{name:<40} {r.rate:>6.1f} {_ms(r.p50_ms):>7} {_ms(r.p95_ms):>7}"
-                       f" {_ms(r.p99_ms):>7} {_ms(r.max_ms):>7} {r.errors:>5} {r.share * 100:>5.0f}%")
+            out.append(f" {mark}{name:<40} {r.rate:>6.1f} {fmt_ms(r.p50_ms):>7} {fmt_ms(r.p95_ms):>7}"
+                       f" {fmt_ms(r.p99_ms):>7} {fmt_ms(r.max_ms):>7} {r.errors:>5} {r.share * 100:>5.0f}%")
             for hf in r.hot_frames[:3]:
                 out.append(f"      {hf.share * 100:>3.0f}%  {sanitize(hf.frame, width - 12)}")
         if len(snap.routes) > 25:
@@ -111,7 +88,7 @@ def render(snap: Snapshot, width: int = 100) -> str:
     out.append(f"WORKERS {'pid':>7} {'state':<8} {'rss':>6} {'MB/min':>7} {'leak':<5} request")
     for w in snap.workers:
         growth = "-" if w.growth_mb_per_min is None else f"{w.growth_mb_per_min:+.1f}"
-        out.append(f"        {w.pid:>7} {w.state:<8} {_mb(w.rss_bytes):>6} {growth:>7} "
+        out.append(f"        {w.pid:>7} {w.state:<8} {fmt_bytes(w.rss_bytes):>6} {growth:>7} "
                    f"{'LEAK' if w.leak_suspected else '':<5} {_request(w)}")
         if w.stack and (w.state in ("stuck", "busy")):
             for frame in w.stack[:4]:
