@@ -316,8 +316,9 @@ class Encoder:
                 rest = buckets[i:] if i else buckets
                 # The common case in one C call: the rest of the row fits. Its compact JSON
                 # is one character longer than the sum of the per-bucket costs below.
-                whole = len(json.dumps(rest, separators=(",", ":"))) - 1
-                if len(rest) <= _MAX_AGG_BUCKETS and size + whole <= MAX_DATAGRAM:
+                whole = (len(json.dumps(rest, separators=(",", ":"))) - 1
+                         if len(rest) <= _MAX_AGG_BUCKETS else MAX_DATAGRAM)
+                if size + whole <= MAX_DATAGRAM:
                     part = rest
                     size += whole
                     i = len(buckets)
