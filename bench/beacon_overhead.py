@@ -18,7 +18,8 @@ A turn is one flush interval of a busy worker: 6,000 requests (about 0.3 s, the
 flusher's period, at this rate), then the flusher is woken and does its flush on its own
 thread, cold, as in production; the serving thread waits for it asleep. Short turns keep
 each round's variants close in time, so the per-round differences are steadier on a
-noisy machine (IQR 2-5 us, against 6-11 us for turns of 20,000). ``--block 1000``
+noisy machine (beacon IQR 3-10 us over five runs, most 4-7, against 7-13 us for turns
+of 20,000). ``--block 1000``
 interleaves the variants within a round instead, which charges each beacon more flusher
 wake-ups per request than a busy worker has (see ``in_process``): pessimistic.
 
