@@ -19,9 +19,9 @@ flusher's period, at this rate), then the flusher is woken and does its flush on
 thread, cold, as in production; the serving thread waits for it asleep. Short turns keep
 each round's variants close in time, so the per-round differences are steadier on a
 noisy machine (beacon IQR 3-10 us over five runs, most 4-7, against 7-13 us for turns
-of 20,000). ``--block 1000``
-interleaves the variants within a round instead, which charges each beacon more flusher
-wake-ups per request than a busy worker has (see ``in_process``): pessimistic.
+of 20,000). ``--block 1000`` interleaves the variants within a round instead, which
+charges each beacon more flusher wake-ups per request than a busy worker has (see
+``in_process``): pessimistic.
 
 The beacon is heard by flasktop's own listener (``--receiver flasktop``), in a process of
 its own, which reads on a 25 ms timer; ``--receiver recv`` is a receiver asleep in recv(),
