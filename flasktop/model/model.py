@@ -54,7 +54,7 @@ class Model:
         self._other: Optional[RouteStats] = None
         self._dropped = DistinctCounter()
         self._evicted = 0  # idle routes forgotten to make room for new ones
-        self._idle: List[Tuple[int, RouteKey]] = []  # eviction candidates, idle longest last
+        self._idle: List[Tuple[int, int, RouteKey]] = []  # eviction candidates, first out last
         self._idle_epoch = -2
         self._workers: Dict[int, WorkerState] = {}
         self._tick: Optional[TopologyTick] = None
@@ -167,22 +167,25 @@ class Model:
         return self._other
 
     def _make_room(self) -> bool:
-        """The table is full: forget the route idle longest, if it has been idle (no request,
-        no sample) for a whole window, so that a route first seen late (an app with more
-        routes than the cap, a deploy that adds one) gets a row of its own instead of
-        folding into <other>. What the forgotten route counted since attach moves to
-        <other>, so the routes still add up to every request. Idle routes are listed at
-        most once a slot: a flood of new names costs one scan of the table per slot, not
-        one per name."""
+        """The table is full: forget a route that has been idle (no request, no sample) for a
+        whole window, so that a route first seen late (an app with more routes than the cap,
+        a deploy that adds one) gets a row of its own instead of folding into <other>. Of the
+        idle routes, the one with the least to lose goes first (fewest requests since attach,
+        then idle longest): a flood of one-request names churns among itself and leaves the
+        rows of real routes that merely paused. What the forgotten route counted since
+        attach moves to <other>, so the routes still add up to every request. Idle routes
+        are listed at most once a slot: a flood of new names costs one scan of the table per
+        slot, not one per name."""
         epoch = self._epoch
         if epoch != self._idle_epoch:
             self._idle_epoch = epoch
             horizon = epoch - self._nslots
-            idle = [(rs.touched, key) for key, rs in self._routes.items() if rs.touched <= horizon]
-            idle.sort(reverse=True)  # idle longest last: popped first
+            idle = [(rs.count, rs.touched, key) for key, rs in self._routes.items()
+                    if rs.touched <= horizon]
+            idle.sort(reverse=True)  # fewest requests, then idle longest, last: popped first
             self._idle = idle
         while self._idle:
-            touched, key = self._idle.pop()
+            _, touched, key = self._idle.pop()
             rs = self._routes.get(key)
             if rs is not None and rs.touched == touched:  # still as idle as when listed
                 del self._routes[key]

@@ -265,6 +265,31 @@ def test_a_route_first_seen_when_the_table_is_full_takes_the_row_of_one_idle_for
     assert m.sizes()["routes_evicted"] == 1 and m.sizes()["routes"] == 4
 
 
+def test_of_the_idle_routes_the_one_with_fewest_requests_gives_up_its_row_first() -> None:
+    """A flood of one-request names churns among itself: a real route that paused keeps its
+    row (and its since-attach history) while a junk name idle for as long can give one up."""
+    m = attached(max_routes=3)
+    t = T0 + 1
+    m.feed(done(7, t, [req("/real", 0.01, t) for _ in range(50)]), t)
+    m.feed(done(7, t + 15, [req("/j1", 0.01, t + 15)]), t + 15)  # slots are 10 s
+    m.feed(done(7, t + 25, [req("/j2", 0.01, t + 25)]), t + 25)
+    late = t + 100  # all three idle for a whole window; /real the longest
+    m.feed(done(7, late, [req("/n1", 0.01, late)]), late)
+    snap = m.snapshot(late)
+    assert {r.route for r in snap.routes} == {"/real", "/j2", "/n1", "<other>"}  # /j1 first
+    assert route(snap, "<other>").count == 1
+    m.feed(done(7, late + 1, [req("/n2", 0.01, late + 1)]), late + 1)
+    snap = m.snapshot(late + 1)
+    assert {r.route for r in snap.routes} == {"/real", "/n1", "/n2", "<other>"}
+    assert route(snap, "/real").count == 50 and route(snap, "<other>").count == 2
+    # with no one-request route idle, the real one goes too rather than hide a new route
+    m.feed(done(7, late + 2, [req("/n3", 0.01, late + 2)]), late + 2)
+    snap = m.snapshot(late + 2)
+    assert {r.route for r in snap.routes} == {"/n1", "/n2", "/n3", "<other>"}
+    assert route(snap, "<other>").count == 52
+    assert sum(r.count for r in snap.routes) == snap.workers[0].requests_served == 55
+
+
 def test_distinct_count_is_exact_while_small() -> None:
     m = attached(max_routes=2)
     t = T0 + 1
