@@ -21,11 +21,15 @@ def _rows(app: FlasktopApp, table_id: str) -> List[str]:
     return [" ".join(str(c) for c in table.get_row(k)) for k in list(table.rows)]
 
 
-def _hang(g: Gunicorn) -> None:
-    try:
-        g.get("/hang", timeout=60)
-    except OSError:
-        pass
+def _hang(g: Gunicorn, stop: threading.Event) -> None:
+    """Keep one request stuck in /hang: gunicorn's timeout kills its worker after 12 s (the
+    row is stuck from 6 s), then the next one hangs, so a slow machine gets more than one
+    chance to see it."""
+    while not stop.is_set():
+        try:
+            g.get("/hang", timeout=60)
+        except OSError:
+            pass
 
 
 async def test_the_real_app_shows_the_slow_route_and_the_stuck_worker(tmp_path: Path) -> None:
@@ -51,17 +55,19 @@ async def test_the_real_app_shows_the_slow_route_and_the_stuck_worker(tmp_path: 
         try:
             async with app.run_test(size=(120, 40)) as pilot:
                 load.start()
-                threading.Thread(target=_hang, args=(g,), daemon=True).start()
-                deadline = time.monotonic() + 40
-                slow = stuck = []
-                while time.monotonic() < deadline:
+                threading.Thread(target=_hang, args=(g, stop), daemon=True).start()
+                deadline = time.monotonic() + 60
+                slow: List[str] = []
+                stuck: List[str] = []
+                seen = []
+                while time.monotonic() < deadline and not (slow and stuck):
                     await pilot.pause(0.5)
-                    slow = [r for r in _rows(app, "routes") if "/slow" in r and "▲" in r]
-                    stuck = [r for r in _rows(app, "stuck") if "/hang" in r]
-                    if slow and stuck:
-                        break
+                    slow = slow or [r for r in _rows(app, "routes") if "/slow" in r and "▲" in r]
+                    rows = [r for r in _rows(app, "stuck") if "/hang" in r]
+                    seen = rows or seen
+                    stuck = stuck or [r for r in rows if "wait_for_lock" in r]
                 assert slow, _rows(app, "routes")
-                assert stuck and "wait_for_lock" in stuck[0], _rows(app, "stuck")
+                assert stuck, seen or _rows(app, "stuck")
                 assert not [r for r in _rows(app, "routes") if "/fast" in r and "▲" in r]
                 # Enter on the top route (the slow one eats the workers' time) opens it
                 await pilot.press("enter")
