@@ -11,6 +11,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from flasktop.ui.widgets import composed
+
 KEYS: Tuple[Tuple[str, str], ...] = (
     ("↑ ↓ PgUp PgDn", "move in the focused table or pane"),
     ("Tab, Shift+Tab", "next, previous pane"),
@@ -62,6 +64,8 @@ class HelpScreen(ModalScreen[None]):
             yield Static(help_text(), id="help-text", markup=False)
 
     def on_mount(self) -> None:
+        if not composed(self):
+            return
         self.query_one("#help").border_title = "flasktop help"
 
     def action_close(self) -> None:

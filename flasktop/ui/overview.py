@@ -26,7 +26,7 @@ from flasktop.ui.text import (
     safe_text,
     sparkline,
 )
-from flasktop.ui.widgets import Col, KeyedTable, Line, events_text, num, problems_text
+from flasktop.ui.widgets import Col, KeyedTable, Line, composed, events_text, num, problems_text
 
 BEACON_HOWTO = ("no beacon heard: add `Beacon(app)` from flasktop.beacon to the app, or run "
                 "`gunicorn -c python:flasktop.beacon.gunicorn_conf …`")
@@ -341,6 +341,8 @@ class OverviewScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if not composed(self):
+            return
         self.query_one("#routes-pane").border_title = "Slow routes"
         self.query_one("#memory-pane").border_title = "Memory"
         self.query_one("#stuck-pane").border_title = "Stuck workers"
@@ -355,10 +357,11 @@ class OverviewScreen(Screen[None]):
         return getattr(self.app, "snapshot", None)
 
     def on_screen_resume(self) -> None:
-        self.show(self.app_snapshot())
+        if self.ready:
+            self.show(self.app_snapshot())
 
     def on_resize(self) -> None:
-        if self.snapshot is not None:
+        if self.ready and self.snapshot is not None:
             self.query_one("#problems", Line).show_text(problems_text(self.snapshot.problems, self._problem_lines()))
 
     def _problem_lines(self) -> int:

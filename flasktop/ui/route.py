@@ -15,7 +15,7 @@ from flasktop.model.snapshot import RequestRecord, RouteView, Snapshot
 from flasktop.ui.messages import OpenWorker
 from flasktop.ui.overview import master_banner, route_key, route_label
 from flasktop.ui.text import DASH, fmt_ago, fmt_ms, fmt_pct, fmt_rate, join, safe_text
-from flasktop.ui.widgets import Col, Histogram, KeyedTable, LatencyChart, Line, num, share_bars
+from flasktop.ui.widgets import Col, Histogram, KeyedTable, LatencyChart, Line, composed, num, share_bars
 
 
 def paused_mark(app: object) -> Text:
@@ -102,6 +102,8 @@ class RouteScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if not composed(self):
+            return
         self.query_one("#latency-pane").border_title = "Latency over time"
         self.query_one("#dist-pane").border_title = "Distribution since attach"
         self.query_one("#slowest-pane").border_title = "Slowest recent requests"
@@ -110,7 +112,8 @@ class RouteScreen(Screen[None]):
         self.show(getattr(self.app, "snapshot", None))
 
     def on_screen_resume(self) -> None:
-        self.show(getattr(self.app, "snapshot", None))
+        if self.ready:
+            self.show(getattr(self.app, "snapshot", None))
 
     def refresh_header(self) -> None:
         if self.route is not None:

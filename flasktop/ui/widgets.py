@@ -16,6 +16,13 @@ from flasktop.model.snapshot import HotFrame, LatencyPoint, Problem, WorkerEvent
 from flasktop.ui.text import EIGHTHS, fmt_ago, fmt_duration, fmt_ms, hbar, join, monochrome, safe_text
 
 
+def composed(screen: Widget) -> bool:
+    """Whether ``screen``'s children were mounted. Textual skips mounting into a node that is
+    closing, so a screen closed as soon as it was pushed (Enter then q, faster than a loaded
+    machine composes it) still gets its Mount event, with no children to query."""
+    return bool(screen.children)
+
+
 @dataclass(frozen=True)
 class Col:
     """A table column; `flex` > 0 makes it share the width left by the fixed ones."""

@@ -26,7 +26,7 @@ from flasktop.ui.text import (
     join,
     safe_text,
 )
-from flasktop.ui.widgets import Col, KeyedTable, Line, SeriesChart, events_text, num
+from flasktop.ui.widgets import Col, KeyedTable, Line, SeriesChart, composed, events_text, num
 
 EXIT_KINDS = ("exited", "timeout_killed", "recycled", "removed", "crash_loop")
 EXIT_REASON = {
@@ -178,6 +178,8 @@ class WorkerScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if not composed(self):
+            return
         self.query_one("#stacks-pane").border_title = "Threads, innermost frame first"
         self.query_one("#rss-pane").border_title = "RSS"
         self.query_one("#fd-pane").border_title = "Open file descriptors"
@@ -187,7 +189,8 @@ class WorkerScreen(Screen[None]):
         self.show(getattr(self.app, "snapshot", None))
 
     def on_screen_resume(self) -> None:
-        self.show(getattr(self.app, "snapshot", None))
+        if self.ready:
+            self.show(getattr(self.app, "snapshot", None))
 
     def refresh_header(self) -> None:
         if self.worker is not None and self.snapshot is not None:

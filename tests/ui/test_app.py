@@ -26,7 +26,7 @@ from tests.ui.fixtures import (
     snapshot,
     timeout_event,
 )
-from tests.ui.helpers import cell, push, row_keys, running, screen_text, settle
+from tests.ui.helpers import cell, push, row_keys, running, screen_text, settle, shows
 
 ROUTE_KEYS = ["GET /export", "GET /orders/<int:oid>", "POST /login", "GET /health"]
 WORKER_KEYS = [str(p) for p in (IDLE_PID, BUSY_PID, LEAK_PID, STUCK_PID)]
@@ -41,7 +41,7 @@ async def test_attaching_message_until_the_first_snapshot() -> None:
         assert feed.started == 1
         assert f"attaching to gunicorn {MASTER_PID}…" in screen_text(app)
         await push(pilot, feed, snapshot(0))
-        text = screen_text(app)
+        text = await shows(pilot, ("Slow routes", "Memory", "Stuck workers"))
         assert "attaching" not in text
         assert "Slow routes" in text and "Memory" in text and "Stuck workers" in text
 
@@ -198,8 +198,9 @@ async def test_help_lists_the_keys_and_escape_closes_it() -> None:
     async with running([snapshot(0)]) as (app, pilot, feed):
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        text = screen_text(app)
-        for key in ("Enter", "Esc", "filter", "sort", "pause", "quit", "Tab"):
+        keys = ("Enter", "Esc", "filter", "sort", "pause", "quit", "Tab")
+        text = await shows(pilot, keys)
+        for key in keys:
             assert key in text
         await pilot.press("escape")
         assert isinstance(app.screen, OverviewScreen)
@@ -217,7 +218,7 @@ async def test_route_drill_down_updates_live_and_keeps_data_when_the_route_goes(
         assert slowest.row_count == 5
         assert cell(slowest, row_keys(slowest)[0], "duration") == "7.20s"
         assert "wait_for_lock (reports.py:88)" in line(app, "#frames")
-        text = screen_text(app)
+        text = await shows(pilot, ("Latency over time", "p95", "Distribution"))
         assert "Latency over time" in text and "p95" in text and "Distribution" in text
         await push(pilot, feed, snapshot(1))
         assert "110 requests" in line(app, "#title")
@@ -311,9 +312,10 @@ async def test_every_screen_survives_small_and_large_terminals(size: tuple) -> N
 
 async def test_at_80x24_every_pane_and_the_keys_are_visible() -> None:
     async with running([snapshot(0, pyspy="denied")], size=(80, 24)) as (app, pilot, feed):
-        text = screen_text(app)
-        for part in ("master 4100", "Slow routes", "Memory", "Stuck workers", "▲ GET /export", "LEAK",
-                     "41s / 1m00s", "Filter", "Sort", "Quit", "Help", "Pause", "3 problems"):
+        parts = ("master 4100", "Slow routes", "Memory", "Stuck workers", "▲ GET /export", "LEAK",
+                 "41s / 1m00s", "Filter", "Sort", "Quit", "Help", "Pause", "3 problems")
+        text = await shows(pilot, parts)
+        for part in parts:
             assert part in text, part
 
 
@@ -343,6 +345,20 @@ async def test_a_rendering_error_is_reported_and_the_app_keeps_running(monkeypat
         await push(pilot, feed, snapshot(2))
         assert cell(app.screen.query_one(RoutesTable), "GET /export", "rate") == "3.5/s"
         app.render_errors.clear()
+
+
+@pytest.mark.parametrize("make", [lambda: WorkerScreen(BUSY_PID), lambda: RouteScreen("GET /export"),
+                                  HelpScreen], ids=["worker", "route", "help"])
+async def test_a_screen_closed_as_soon_as_it_is_pushed_leaves_no_traceback(make) -> None:
+    """Enter then q, faster than a loaded machine composes the screen: Textual mounts no
+    children into a closing screen, and its Mount must not go looking for them."""
+    feed = FixedFeed()
+    app = FlasktopApp(feed, attaching_to=str(MASTER_PID))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await push(pilot, feed, snapshot(0))
+        app.push_screen(make())
+        app.exit()
+    assert app.return_code == 0 and app.render_errors == []
 
 
 async def test_quit_stops_the_feed() -> None:
