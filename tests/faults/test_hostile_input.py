@@ -425,11 +425,19 @@ def test_hostile_names_in_the_human_report_are_shown_literally(hostile):
 
 
 def _wait_app(pilot, cond, timeout: float, message: str):
+    """Wait for ``cond``; one that raises (a widget not composed yet) is not true yet."""
     async def run():
         deadline = __import__("time").monotonic() + timeout
-        while not cond():
+        while True:
+            try:
+                if cond():
+                    return
+                last = None
+            except Exception as e:  # noqa: BLE001 - retried until the deadline
+                last = e
             if __import__("time").monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+                raise AssertionError(f"timed out after {timeout}s waiting for {message}"
+                                     + (f" (last error: {last!r})" if last else ""))
             await pilot.pause(0.1)
     return run()
 

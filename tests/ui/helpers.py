@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Dict, List, Sequence, Tuple
 
@@ -41,6 +42,20 @@ async def settle(pilot: Pilot, until: Callable[[], bool], tries: int = 50) -> No
             return
         await pilot.pause()
     assert until(), "condition never held"
+
+
+async def shows(pilot: Pilot, parts: Sequence[str], timeout: float = 10.0) -> str:
+    """The screen's text once every one of ``parts`` is on it, or at the deadline (the
+    caller's asserts then say what is missing). The footer's keys, for one, arrive a
+    refresh after the screen: a loaded machine can take a while to get there."""
+    app = pilot.app
+    assert isinstance(app, FlasktopApp)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = screen_text(app)
+        if all(part in text for part in parts) or time.monotonic() > deadline:
+            return text
+        await pilot.pause(0.05)
 
 
 async def push(pilot: Pilot, feed: FixedFeed, snap: Snapshot) -> None:
