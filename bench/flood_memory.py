@@ -65,6 +65,7 @@ def report(cap: int, r: dict) -> None:
     sent1 = sum(d["datagrams"] for d in r["sent1"])
     events1 = sum(d["events"] for d in r["sent1"])
     sent2 = sum(d["datagrams"] for d in r["sent2"])
+    sent2 += sum(d["datagrams"] for d in r.get("sent3") or [])  # one tail datagram per sender
     lst = final["listener"]
     print(f"\nlistener event cap {cap or final['backlog_events_cap']:,}"
           f"{' (default)' if not cap else ''}, datagram cap {final['backlog_cap']:,}")
