@@ -276,3 +276,54 @@ def test_a_leaking_route_is_named_and_steady_traffic_is_not(tmp_path):
             assert snap.workers[0].leak_routes[0][0] == "/leak", snap.workers[0].leak_routes
         finally:
             engine.stop()
+
+
+def test_a_route_first_seen_when_the_table_is_full_takes_an_idle_route_s_row(tmp_path, engine_for):
+    """The route cap end to end (real beacon, real UDP, the engine's own clock), with room
+    for two routes and a 6 s window: a third route folds into <other> while both are in
+    use, and gets a row of its own once one of them has been idle for a whole window.
+    The routes still add up to every request made."""
+    from flasktop.model import ModelConfig
+    udp = free_port(socket.SOCK_DGRAM)
+    config = ModelConfig(max_routes=2, window_s=6.0, window_slots=3)
+    with gunicorn("trouble_app:app", "-w", "1", "--timeout", "60",
+                  env=_env(tmp_path, udp), workers_expected=1) as g:
+        engine = engine_for(g, udp, config=config, pyspy=False)
+        made = {"fast": 0, "boom": 0, "slow": 0}
+
+        def get(name: str, path: str, status: int) -> None:
+            assert g.get(path, timeout=20).status == status
+            made[name] += 1
+
+        def counts(s: Snapshot) -> dict:
+            return {r.route: r.count for r in s.routes}
+
+        get("fast", "/fast/1", 200)
+        get("boom", "/boom", 500)
+        _until(engine, lambda s: counts(s) == {"/fast/<int:n>": 1, "/boom": 1}, message="two rows")
+        # /boom kept in use: /slow has no row to take, so it folds
+        deadline = time.monotonic() + 30
+        while True:
+            get("boom", "/boom", 500)
+            get("slow", "/slow", 200)
+            snap = _until(engine, lambda s: sum(counts(s).values()) == sum(made.values()),
+                          message="every request counted")
+            if "<other>" in counts(snap):
+                break
+            assert time.monotonic() < deadline, counts(snap)
+        assert "/slow" not in counts(snap) and counts(snap)["<other>"] == made["slow"]
+        # /boom no longer requested: once idle for a whole window its row goes to /slow
+        deadline = time.monotonic() + 40
+        while "/slow" not in counts(snap):
+            assert time.monotonic() < deadline, counts(snap)
+            get("fast", "/fast/2", 200)
+            get("slow", "/slow", 200)
+            snap = _until(engine, lambda s: sum(counts(s).values()) == sum(made.values()),
+                          message="every request counted")
+        c = counts(snap)
+        assert set(c) == {"/fast/<int:n>", "/slow", "<other>"}, c
+        assert c["/fast/<int:n>"] == made["fast"]  # in use all along: never evicted
+        assert c["<other>"] + c["/slow"] == made["boom"] + made["slow"]
+        other = _route(snap, "<other>")
+        assert other.errors == made["boom"]  # /boom's 500s went to <other> with its counts
+        assert snap.routes_dropped == 2 and engine.model.sizes()["routes_evicted"] == 1
