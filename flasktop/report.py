@@ -39,7 +39,12 @@ def render(snap: Snapshot, width: int = 100) -> str:
         conf = "?" if m.workers is None else str(m.workers)
         state = "" if m.alive else "  (MASTER EXITED: last data shown)"
         out.append(f"gunicorn master {m.pid}: {sanitize(m.worker_class)}, {alive}/{conf} workers, "
-                   f"timeout {m.timeout:.0f}s, watched {snap.attached_s:.1f}s{state}")
+                   f"timeout {m.timeout:.0f}s{'?' if m.timeout_assumed else ''}, "
+                   f"watched {snap.attached_s:.1f}s{state}")
+        if m.timeout_assumed:
+            out.append(f"  timeout {m.timeout:.0f}s is gunicorn's default, assumed: the master's process "
+                       "title (setproctitle) hides its arguments, and neither GUNICORN_CMD_ARGS nor a "
+                       "config file set it")
         if m.new_master_pid:
             out.append(f"  a new master {m.new_master_pid} was started (USR2 upgrade): "
                        f"run flasktop --pid {m.new_master_pid} to follow it")

@@ -47,6 +47,21 @@ def test_other_command_lines_are_not_gunicorn(argv: list) -> None:
     assert not looks_like_gunicorn(argv)
 
 
+def test_a_process_title_hides_the_arguments_and_the_timeout_is_marked_assumed() -> None:
+    """With setproctitle installed gunicorn's command line becomes ``gunicorn: master [app]``:
+    a ``--timeout`` given there cannot be read, so the default is a guess and says so,
+    unless GUNICORN_CMD_ARGS or a config file gave the timeout."""
+    titled = parse_cmdline(["gunicorn: master [myapp:app]"])
+    assert titled.args_hidden and titled.timeout is None and titled.timeout_assumed
+    assert titled.effective_timeout == 30.0
+    from_env = parse_cmdline(["gunicorn: master [myapp:app]"], env_args="--timeout 17")
+    assert from_env.args_hidden and from_env.timeout == 17.0 and not from_env.timeout_assumed
+    from_file = parse_cmdline(["gunicorn: master [myapp:app]"], file_values={"timeout": 90})
+    assert from_file.timeout == 90.0 and not from_file.timeout_assumed
+    plain = parse_cmdline(["gunicorn", "myapp:app"])
+    assert not plain.args_hidden and plain.timeout is None and not plain.timeout_assumed
+
+
 def test_parse_cmdline_long_short_and_glued_forms() -> None:
     c = parse_cmdline(["gunicorn", "--worker-class=gthread", "-w4", "--threads", "8", "-t", "45",
                        "--graceful-timeout=12", "--max-requests", "1000", "--max-requests-jitter=50",

@@ -32,10 +32,19 @@ class GunicornConfig:
     bind: Tuple[str, ...] = ()
     preload: bool = False
     config_file: Optional[str] = None  # -c/--config; its values are not read
+    # The command line is gunicorn's process title (``gunicorn: master [app]``, set when
+    # setproctitle is installed): settings given as arguments cannot be read from it.
+    args_hidden: bool = False
 
     @property
     def effective_timeout(self) -> float:
         return self.timeout if self.timeout is not None else 30.0
+
+    @property
+    def timeout_assumed(self) -> bool:
+        """The timeout is gunicorn's default only because the arguments that may have set
+        it are hidden: stuck and killed-by-timeout judgements rest on a guess."""
+        return self.args_hidden and self.timeout is None
 
     @property
     def effective_worker_class(self) -> str:

@@ -978,7 +978,7 @@ class Model:
             max_requests=g.max_requests, bind=g.bind, app=g.app, preload=g.preload,
             rss_bytes=m.rss if m is not None else None,
             cpu_percent=finite(m.cpu_percent) if m is not None else None,
-            new_master_pid=tick.new_master_pid)
+            new_master_pid=tick.new_master_pid, timeout_assumed=g.timeout_assumed)
 
     def _source_views(self, now: float) -> Tuple[SourceView, ...]:
         cfg = self.cfg

@@ -150,6 +150,8 @@ class MasterView:
     rss_bytes: Optional[int] = None
     cpu_percent: Optional[float] = None
     new_master_pid: Optional[int] = None  # USR2 replacement, when one is seen
+    # gunicorn's default, because its process title hides the arguments (setproctitle)
+    timeout_assumed: bool = False
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,9 @@ def parse_cmdline(argv: Sequence[str], env_args: Optional[str] = None,
     ``GUNICORN_CMD_ARGS`` (``env_args``) beats the config file (``file_values``); an unset
     worker count falls back to ``WEB_CONCURRENCY``. Anything unparsable is None; never raises.
     """
+    hidden = False
     try:
+        hidden = bool(_TITLE_RE.match(" ".join(str(a) for a in argv)))
         args = gunicorn_args(argv)
         if args is None:
             args = [str(a) for a in argv]
@@ -323,9 +325,10 @@ def parse_cmdline(argv: Sequence[str], env_args: Optional[str] = None,
             bind=_binds(merged.get("bind")),
             preload=preload is True or (isinstance(preload, str) and preload.lower() == "true"),
             config_file=config if isinstance(config, str) else None,
+            args_hidden=hidden,
         )
     except Exception:  # noqa: BLE001 - a hostile command line must not take us down
-        return GunicornConfig(cmdline=tuple(str(a) for a in argv))
+        return GunicornConfig(cmdline=tuple(str(a) for a in argv), args_hidden=hidden)
 
 
 def read_config_file(path: str) -> Dict[str, object]:

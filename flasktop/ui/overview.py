@@ -102,6 +102,8 @@ def header_text(snap: Optional[Snapshot], *, paused: bool, pending: int, attachi
     out.append(f"{alive}/{configured if configured is not None else '?'}", "bold red" if short else "bold")
     if m is not None:
         out.append(f"  timeout {fmt_duration(m.timeout)}")
+        if m.timeout_assumed:  # gunicorn's default: its process title hides the arguments
+            out.append("?", "bold yellow")
     out.append("  ")
     out.append(fmt_rate(snap.rps).replace("/s", " req/s"), "bold")
     out.append("  err ")

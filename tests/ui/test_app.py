@@ -319,6 +319,19 @@ async def test_at_80x24_every_pane_and_the_keys_are_visible() -> None:
             assert part in text, part
 
 
+async def test_a_timeout_assumed_because_the_title_hides_the_arguments_is_marked() -> None:
+    from flasktop.report import render
+    snap = snapshot(0)
+    assumed = replace(snap, master=replace(snap.master, timeout_assumed=True))
+    async with running([assumed], size=(120, 30)) as (app, pilot, feed):
+        assert "timeout 1m00s?" in await shows(pilot, ["timeout 1m00s?"])
+        await push(pilot, feed, snapshot(1))
+        assert "timeout 1m00s " in await shows(pilot, ["timeout 1m00s "])
+    report = render(assumed)
+    assert "timeout 60s?," in report and "assumed" in report and "setproctitle" in report
+    assert "assumed" not in render(snap)
+
+
 async def test_snapshots_pushed_from_another_thread_are_shown() -> None:
     async with running([snapshot(0)]) as (app, pilot, feed):
         snap = snapshot(5)
