@@ -60,7 +60,7 @@ def gunicorn_args(argv: Sequence[str]) -> Optional[List[str]]:
     argv = [str(a) for a in argv]
     if not argv:
         return None
-    if _TITLE_RE.match(" ".join(argv)):
+    if is_process_title(argv):
         return []
     first = os.path.basename(argv[0])
     if _NAME_RE.match(first):
@@ -83,6 +83,12 @@ def gunicorn_args(argv: Sequence[str]) -> Optional[List[str]]:
             continue
         return argv[i + 1:] if _is_gunicorn_script(a) else None
     return None
+
+
+def is_process_title(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is gunicorn's setproctitle title (``gunicorn: master [app]``), which
+    replaces the command line and keeps none of its arguments."""
+    return bool(_TITLE_RE.match(" ".join(str(a) for a in argv)))
 
 
 def _is_gunicorn_script(path: str) -> bool:
@@ -289,7 +295,7 @@ def parse_cmdline(argv: Sequence[str], env_args: Optional[str] = None,
     """
     hidden = False
     try:
-        hidden = bool(_TITLE_RE.match(" ".join(str(a) for a in argv)))
+        hidden = is_process_title(argv)
         args = gunicorn_args(argv)
         if args is None:
             args = [str(a) for a in argv]
