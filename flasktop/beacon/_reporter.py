@@ -39,7 +39,12 @@ log = logging.getLogger("flasktop.beacon")
 QUEUE_CAP = 10_000  # records not yet seen by the flusher; past it requests go unreported, counted
 INFLIGHT_CAP = 10_000  # running requests tracked; past it the oldest are forgotten, counted
 WAKE_AT = 4096  # a queue this long wakes the flusher early (the slow path's queue)
-FLUSH_INTERVAL = 0.3  # seconds
+# Seconds between flushes: once a second, the in-flight report's period and the UI's
+# refresh, so a request reaches the screen within about two seconds. Every flush costs a
+# fixed ~1 ms of a cold thread's CPU (the wake-up, the one-by-one events, the sends, the
+# caches it evicts from under the app), whatever it carries: at 0.3 s a busy worker paid
+# that 3.3 times a second (docs/benchmarks.md).
+FLUSH_INTERVAL = 1.0
 REPORT_INTERVAL = 1.0  # seconds between in-flight reports (the heartbeat)
 REPORT_ROWS = 96  # at most this many in-flight rows are encoded (oldest first)
 CACHE_CAP = 4096  # entries in each label / rule / status cache
@@ -222,11 +227,10 @@ class Reporter:
         assert wake is not None
         while True:
             try:
-                # An idle worker's flusher wakes once a second, for the in-flight report,
-                # not every FLUSH_INTERVAL: each wake-up of a thread that slept costs about
-                # 0.2 ms of CPU here (its code and the kernel's are cold again), and most
-                # workers are idle most of the time. A request that ends meanwhile is sent
-                # with that report, at most REPORT_INTERVAL after it ended.
+                # An idle worker's flusher wakes only for the in-flight report, should
+                # FLUSH_INTERVAL ever be shorter than REPORT_INTERVAL: each wake-up of a
+                # thread that slept costs about 0.2 ms of CPU here (its code and the
+                # kernel's are cold again), and most workers are idle most of the time.
                 wait = FLUSH_INTERVAL
                 if self.idle:
                     wait = max(wait, self.last_report + REPORT_INTERVAL - time.perf_counter())
