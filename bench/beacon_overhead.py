@@ -14,14 +14,14 @@ a noisy neighbour slows them all alike. Two figures per variant:
 - latency: the median over all requests of each request's own wall time; what a
   request waits for, i.e. the request path alone.
 
-A turn is one flush interval of a busy worker: 6,000 requests (about 0.3 s, the
+A turn is one flush interval of a busy worker: 20,000 requests (about 1 s, the
 flusher's period, at this rate), then the flusher is woken and does its flush on its own
-thread, cold, as in production; the serving thread waits for it asleep. Short turns keep
-each round's variants close in time, so the per-round differences are steadier on a
-noisy machine (beacon IQR 3-10 us over five runs, most 4-7, against 7-13 us for turns
-of 20,000). ``--block 1000`` interleaves the variants within a round instead, which
-charges each beacon more flusher wake-ups per request than a busy worker has (see
-``in_process``): pessimistic.
+thread, cold, as in production; the serving thread waits for it asleep. Long turns put a
+round's variants further apart in time, so the per-round differences are noisier on a
+shared machine (beacon IQR 7-13 us for turns of 20,000 against 3-10 for 6,000); the
+median over rounds, and over processes with ``--procs``, absorbs that. ``--block 1000``
+interleaves the variants within a round instead, which charges each beacon more flusher
+wake-ups per request than a busy worker has (see ``in_process``): pessimistic.
 
 The beacon is heard by flasktop's own listener (``--receiver flasktop``), in a process of
 its own, which reads on a 25 ms timer; ``--receiver recv`` is a receiver asleep in recv(),
@@ -31,8 +31,9 @@ Part 2, through gunicorn: the same app under a real gunicorn (sync, one worker),
 and with the beacon (heard by the same receiver), a bounded number of loopback requests
 from a couple of client threads, alternating. Figures are printed, nothing is asserted.
 
-    .venv/bin/python bench/beacon_overhead.py [--rounds 61] [--requests 6000] [--block 0]
+    .venv/bin/python bench/beacon_overhead.py [--rounds 21] [--requests 20000] [--block 0]
                                               [--http 2000] [--receiver flasktop]
+                                              [--procs 1] [--flush-interval S]
 """
 
 from __future__ import annotations
@@ -512,8 +513,8 @@ def through_gunicorn(total: int, rounds: int, clients: int, receiver: str = "fla
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--rounds", type=int, default=61)
-    p.add_argument("--requests", type=int, default=6000,
+    p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--requests", type=int, default=20000,
                    help="per variant per round: a turn ends with its flush")
     p.add_argument("--block", type=int, default=0,
                    help="requests a variant serves before the next variant's turn (0: all of the "
