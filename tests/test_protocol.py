@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 import re
+import struct
+from array import array
+from collections import Counter
 from typing import Any, List
 
 import pytest
@@ -15,7 +19,7 @@ from flasktop.model.sketch import Sketch
 from flasktop.protocol import (
     _MAX_AGE_MS, _MAX_AGG_COUNT, _MAX_COUNTER, _MAX_DUR_US, _MAX_EVENTS, _MAX_PID, _MAX_SEQ,
     _MAX_SIZE, _MAX_STRINGS, _MAX_T_MS, _MAX_TID, _MIN_T_MS, AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S,
-    AGG_ZERO, KIND_AGGREGATES, KIND_INFLIGHT, KIND_REQUESTS, LABEL_BUDGET, MAX_DATAGRAM, MAX_LABEL,
+    AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS, KIND_INFLIGHT, KIND_REQUESTS, LABEL_BUDGET, MAX_DATAGRAM, MAX_LABEL,
     TRUNCATION_MARK, VERSION, Aggregate, Datagram, Encoder, InFlight, Reject, Request, bucket_of,
     bucket_value, clip, decode,
 )
@@ -43,7 +47,7 @@ def _label_ok(s: object) -> None:
 
 def check_invariants(d: Datagram) -> None:
     """What every Datagram decode() returns must satisfy."""
-    assert d.kind in (KIND_REQUESTS, KIND_INFLIGHT, KIND_AGGREGATES)
+    assert d.kind in (KIND_REQUESTS, KIND_INFLIGHT, KIND_AGGREGATES, KIND_DURATIONS)
     assert type(d.pid) is int and 1 <= d.pid <= _MAX_PID
     assert type(d.seq) is int and 0 <= d.seq <= _MAX_SEQ
     assert math.isfinite(d.t) and _MIN_T_MS / 1000 <= d.t <= _MAX_T_MS / 1000
@@ -56,7 +60,7 @@ def check_invariants(d: Datagram) -> None:
     else:
         assert d.requests == () and d.inflight == ()
         assert (d.inflight_total, d.dropped, d.send_errors) == (0, 0, 0)
-    if d.kind != KIND_AGGREGATES:
+    if d.kind not in (KIND_AGGREGATES, KIND_DURATIONS):
         assert d.aggregates == ()
     for r in d.requests:
         assert type(r) is Request
@@ -126,9 +130,18 @@ def _valid_objects() -> List[dict]:
     aggs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150,
              [[bucket_of(0.0123), 40], [AGG_ZERO, 1], [AGG_MAX_KEY, 2]]],
             ["/export", "export", "POST", 503, "Timeout", 4251, 0, [[-AGG_MAX_KEY + 1, 1]]]]
+    durs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150, _f32([0.0123, 0.0, 2e-3])],
+            ["/export", "export", "POST", 503, "Timeout", 4251, 0, _f32([1e-7])]]
     return [json.loads(enc.requests(T_MS, rows)[0]),
             json.loads(enc.inflight(T_MS, flights, total=3, dropped=1, send_errors=2)[0]),
-            json.loads(enc.aggregates(T_MS, aggs)[0])]
+            json.loads(enc.aggregates(T_MS, aggs)[0]),
+            json.loads(enc.durations(T_MS, durs[:1])[0]),
+            json.loads(enc.durations(T_MS, durs[1:])[0])]
+
+
+def _f32(durations: List[float]) -> bytes:
+    """Durations as kind "d" carries them: little-endian float32."""
+    return struct.pack("<%df" % len(durations), *durations)
 
 
 VALID = _valid_objects()
@@ -228,9 +241,10 @@ def test_numbers_out_of_range_are_rejected(obj: dict, data: st.DataObject) -> No
            (0, _MAX_AGE_MS)]
     flight = [None, None, None, (1, _MAX_TID), (0, _MAX_DUR_US)]
     agg = [None, None, None, (0, 999), None, (1, _MAX_TID), (0, _MAX_AGE_MS), ()]
-    exc_slot = {KIND_REQUESTS: 6, KIND_AGGREGATES: 4}.get(obj["k"])
+    exc_slot = {KIND_REQUESTS: 6, KIND_AGGREGATES: 4, KIND_DURATIONS: 4}.get(obj["k"])
     spots = [((k,), b) for k, b in bounds.items() if k in obj]
-    per_event = {KIND_REQUESTS: req, KIND_INFLIGHT: flight, KIND_AGGREGATES: agg}[obj["k"]]
+    per_event = {KIND_REQUESTS: req, KIND_INFLIGHT: flight, KIND_AGGREGATES: agg,
+                 KIND_DURATIONS: agg}[obj["k"]]
     spots += [(("e", i, j), b) for i in range(len(obj["e"])) for j, b in enumerate(per_event) if b]
     spots += [(("e", i, j), (-1 if j == exc_slot else 0, len(obj["s"]) - 1))
               for i in range(len(obj["e"])) for j, b in enumerate(per_event) if b is None]
@@ -417,7 +431,7 @@ aggregate_rows = st.lists(st.tuples(
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("rfa"), request_rows, flight_rows, aggregate_rows),
+@given(st.lists(st.tuples(st.sampled_from("rfad"), request_rows, flight_rows, aggregate_rows),
                 min_size=1, max_size=6))
 def test_sequence_numbers_have_no_holes(calls: list) -> None:
     """Whatever mix of reports the beacon sends, seq counts every datagram once, from 1."""
@@ -428,6 +442,9 @@ def test_sequence_numbers_have_no_holes(calls: list) -> None:
             out = enc.requests(T_MS, [_clipped(r, (0, 1, 2, 6)) for r in reqs])
         elif kind == KIND_AGGREGATES:
             out = enc.aggregates(T_MS, [_clipped(r, (0, 1, 2, 4)) for r in aggs])
+        elif kind == KIND_DURATIONS:
+            out = enc.durations(T_MS, [_clipped(r, (0, 1, 2, 4))[:7] + [_f32([1e-3] * len(r[7]))]
+                                       for r in aggs])
         else:
             rows = [_clipped(r, (0, 1, 2)) for r in flights]
             out = enc.inflight(T_MS, rows, total=len(rows), dropped=0, send_errors=0)
@@ -622,3 +639,110 @@ def test_bucket_edges() -> None:
     assert bucket_of(float("inf")) == bucket_of(1e300) == AGG_MAX_KEY
     assert bucket_of(7 * 24 * 3600.0) == 666 and bucket_of(1.0000001e-6) == -690
     assert all(-AGG_MAX_KEY < bucket_of(10.0 ** e) <= AGG_MAX_KEY for e in range(-5, 30))
+
+
+# ---------------------------------------------------------------------------------------
+# Kind "d": durations, bucketed by the decoder
+
+float32s = st.floats(min_value=0.0, max_value=_MAX_DUR_US / 1e6, width=32)
+duration_rows = st.lists(st.tuples(
+    labels, labels, labels, st.integers(0, 999), st.one_of(st.just(""), labels),
+    st.integers(1, _MAX_TID), st.integers(0, _MAX_AGE_MS),
+    st.one_of(st.lists(float32s, max_size=50), st.lists(float32s, min_size=300, max_size=3000))),
+    max_size=8)
+
+
+@FUZZ
+@given(pids, t_ms, duration_rows)
+def test_durations_round_trip_as_the_buckets_of_every_duration(pid: int, t: int, rows: list) -> None:
+    """Every duration comes back counted in its bucket_of() bucket, under its row's fields;
+    a row too long for one datagram is split, one event a datagram, none over the limit."""
+    rows = [_clipped(r, (0, 1, 2, 4)) for r in rows]
+    enc = Encoder(pid)
+    datagrams = enc.durations(t, [r[:7] + [_f32(r[7])] for r in rows])
+    assert enc.seq == len(datagrams)
+    got: List[Aggregate] = []
+    for i, data in enumerate(datagrams):
+        assert len(data) <= MAX_DATAGRAM
+        d = decode_checked(data)
+        assert isinstance(d, Datagram), d
+        assert (d.kind, d.pid, d.seq, d.t) == (KIND_DURATIONS, pid, i + 1, t / 1000)
+        assert len(d.aggregates) == 1
+        got.extend(d.aggregates)
+    it = iter(got)
+    for route, ep, method, status, exc, tid, span, durs in rows:
+        want = Counter(map(bucket_of, durs))
+        have: Counter = Counter()
+        while sum(have.values()) < len(durs):
+            a = next(it)
+            assert (a.route, a.endpoint, a.method, a.status, a.exc, a.tid) == (
+                route, ep, method, status, exc, tid)
+            assert a.end == t / 1000 and round((a.end - a.start) * 1000) == span
+            assert list(a.buckets) == sorted(a.buckets)
+            have.update(dict(a.buckets))
+        assert have == want
+    assert next(it, None) is None
+
+
+def test_durations_example() -> None:
+    enc = Encoder(7)
+    enc.seq = 10
+    durs = [0.0412, 0.0412, 0.0, 1e-3]
+    [data] = enc.durations(T_MS, [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150,
+                                   _f32(durs)]])
+    obj = json.loads(data)
+    assert obj == {"v": 1, "k": "d", "pid": 7, "seq": 11, "t": T_MS,
+                   "s": ["/orders/<int:oid>", "orders", "GET"],
+                   "e": [[0, 1, 2, 200, -1, 4250, 150,
+                          binascii.b2a_base64(_f32(durs), newline=False).decode()]]}
+    assert b" " not in data
+    d = decode_checked(data)
+    [a] = d.aggregates
+    assert a == Aggregate("/orders/<int:oid>", "orders", "GET", 200, "", 4250,
+                          T_MS / 1000 - 0.150, T_MS / 1000,
+                          tuple(sorted(Counter(map(bucket_of, array("f", durs))).items())))
+    assert a.count == 4 and dict(a.buckets)[AGG_ZERO] == 1
+    assert enc.durations(T_MS, [["/", "i", "GET", 200, "", 1, 0, b""]]) == [] and enc.seq == 11
+
+
+_DUR = (b'{"v":1,"k":"d","pid":7,"seq":1,"t":1732190000123,"s":["/a","a","GET","E"],"e":[%s]}')
+
+
+def _b64(raw: bytes) -> bytes:
+    return binascii.b2a_base64(raw, newline=False)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (_b64(struct.pack("<3f", 0.001, 0.0, 604800.0)), None),
+    (_b64(struct.pack("<f", 0.001))[:-1], "bad_field"),  # padding cut
+    (_b64(struct.pack("<f", 0.001)) + b"=", "bad_field"),
+    (_b64(struct.pack("<f", 0.001))[:-2] + b"!!", "bad_field"),  # not base64
+    (_b64(b"\x01\x02\x03"), "bad_field"),  # not whole float32s
+    (_b64(struct.pack("<3f", 0.001, -0.001, 0.002)), "bad_field"),  # negative
+    (_b64(struct.pack("<f", 604801.0)), "bad_field"),  # over a week
+    (_b64(struct.pack("<2f", 0.001, float("nan"))), "bad_field"),
+    (_b64(struct.pack("<2f", float("inf"), 0.001)), "bad_field"),
+    (_b64(struct.pack("<f", float("-inf"))), "bad_field"),
+    (b"", "bad_field"),  # no durations
+])
+def test_durations_decode_rejects(payload: bytes, reason: Any) -> None:
+    good = b'[0,1,2,200,-1,1,0,"' + _b64(struct.pack("<f", 0.001)) + b'"]'
+    data = _DUR % (good + b',[0,1,2,200,3,1,0,"' + payload + b'"]')  # all or nothing
+    out = decode_checked(data)
+    if reason is None:
+        assert isinstance(out, Datagram) and len(out.aggregates) == 2
+        assert out.aggregates[1].count == 3 and out.aggregates[1].exc == "E"
+    else:
+        assert out == Reject(reason)
+
+
+@pytest.mark.parametrize("row, reason", [
+    (b'[0,1,2,200,-1,1,0,5]', "bad_field"),  # a number, not the durations
+    (b'[0,1,2,200,-1,1,0,[[5,1]]]', "bad_field"),  # buckets, as kind "a"
+    (b'[0,1,2,200,-1,1,0,"AAAAAA==",1]', "bad_event"),
+    (b'[4,1,2,200,-1,1,0,"AAAAAA=="]', "bad_index"),
+    (b'[0,1,2,1000,-1,1,0,"AAAAAA=="]', "bad_field"),
+    (b'[0,1,2,200,-1,0,0,"AAAAAA=="]', "bad_field"),
+])
+def test_durations_decode_rejects_bad_fields(row: bytes, reason: str) -> None:
+    assert decode_checked(_DUR % row) == Reject(reason)

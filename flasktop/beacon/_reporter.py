@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from array import array
@@ -57,12 +58,11 @@ HOLD_CAP = 20_000
 _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per datagram
 # Each flush sends its first BUDGET ended requests one by one, and every slow or failed one;
 # the rest (a busy worker's fast, successful requests) go as per-(route, method, status,
-# thread) latency histograms: one row per flush instead of one event per request, which is
+# thread) latency histograms, or, for a lane of one group, as their durations (kind "d",
+# which flasktop buckets): one row per flush instead of one event per request, which is
 # what the app would otherwise pay to encode and send. Every request is reported exactly once.
 BUDGET = 64
 SLOW_S = 0.005  # seconds; a request at least this long is always sent on its own
-_SLOW_KEY = protocol.bucket_of(SLOW_S)  # a bucket below it holds only durations below SLOW_S
-_MIN_KEY = math.ceil(math.log(protocol.AGG_MIN_S) * protocol.AGG_INV_LOG_GAMMA)  # above it: > AGG_MIN_S
 # protocol.bucket_of's ceil(ln(d) / ln(gamma)) as ceil(log2(d) / log2(gamma)): the same key but
 # within a rounding error of a bucket's edge, where either key is within AGG_ACCURACY (a
 # million random durations all agree). log2 takes one argument, so map() calls it without
@@ -73,6 +73,7 @@ _INV_LOG2_GAMMA = 1.0 / math.log2(protocol.AGG_GAMMA)
 # method, exception) as a group id into ``Reporter.group_info``.
 QUAD = struct.Struct("4d")
 _ONE_D = struct.Struct("d")
+_BIG_ENDIAN = sys.byteorder == "big"  # kind "d" sends little-endian float32
 GROUPS_CAP = 2048
 LANE_CAP = 100_000  # requests a lane may hold between two flushes; the oldest past it are dropped
 UNTRACKED = -1.0  # the group of a request that left Flask unseen: status unknown, route unknown
@@ -507,13 +508,12 @@ class Reporter:
         g0 = rest[0]
         # "all one group" as one memcmp: array.count() would make a float of every item
         if g0 > 0 and rest.tobytes() == _ONE_D.pack(g0) * (n - budget):
-            counts: Dict[int, int] = {}
-            try:
-                _count_elements(counts, _log_keys(durs[budget:]))
-            except ValueError:  # a zero duration: log2() refuses it; the exact path takes it
-                counts = {}
-            if counts and max(counts) < _SLOW_KEY and min(counts) > _MIN_KEY:
-                self._aggregate_lane(tid, {g0: list(counts.items())}, n - budget,
+            quiet = durs[budget:]
+            if max(quiet) < SLOW_S:  # the durations themselves: flasktop buckets them
+                raw = array("f", quiet)
+                if _BIG_ENDIAN:
+                    raw.byteswap()
+                self._aggregate_lane(tid, {g0: raw.tobytes()}, n - budget,
                                      t0s[budget] + durs[budget], t0s[-1] + durs[-1])
                 return 0
         loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
@@ -556,9 +556,9 @@ class Reporter:
                 grouped.setdefault(g, []).append((k, c))
         self._aggregate_lane(tid, grouped, n, first_end, last_end)
 
-    def _aggregate_lane(self, tid: int, grouped: Dict[float, List[Tuple[int, int]]], n: int,
+    def _aggregate_lane(self, tid: int, grouped: Dict[float, Any], n: int,
                         first_end: float, last_end: float) -> None:
-        """Send a lane's (bucket, count) pairs per group id."""
+        """Send a lane's (bucket, count) pairs, or raw float32 durations, per group id."""
         info = self.group_info
         groups = []
         for g, buckets in grouped.items():
@@ -566,22 +566,31 @@ class Reporter:
             groups.append((rule, method, code, exc, tid, buckets))
         self._emit_aggregates(groups, n, first_end, last_end)
 
-    def _emit_aggregates(self, groups: List[Tuple[Any, Any, int, str, int, List[Tuple[int, int]]]],
+    def _emit_aggregates(self, groups: List[Tuple[Any, Any, int, str, int, Any]],
                          n: int, first_end: float, last_end: float) -> None:
         """Send an aggregate row per (rule, method, code, exc, tid, buckets) group: ``n``
         requests in all, which ended between ``first_end`` and ``last_end`` (perf_counter
-        seconds; records are nearly in end order, so these are the first and the last)."""
+        seconds; records are nearly in end order, so these are the first and the last).
+        ``buckets`` is a list of (key, count) pairs (kind "a"), or the durations as
+        little-endian float32 bytes (kind "d")."""
         now = time.perf_counter()
         t_ms = int(time.time() * 1000)
         span = int(min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS))
         rows = []
+        raw = []
         for rule, method, code, exc, tid, buckets in groups:
             hit = self.rules.get(id(rule))
             if hit is None or hit[0] is not rule:
                 hit = self._rule(rule)
-            rows.append([hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, exc,
-                         tid if 0 < tid < _MAX_TID else 1, span, sorted(buckets)])
-        for data in self.encoder.aggregates(t_ms, rows):
+            row = [hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, exc,
+                   tid if 0 < tid < _MAX_TID else 1, span]
+            if type(buckets) is bytes:
+                raw.append(row + [buckets])
+            else:
+                rows.append(row + [sorted(buckets)])
+        for data in self.encoder.aggregates(t_ms, rows) if rows else ():
+            self._send(data)
+        for data in self.encoder.durations(t_ms, raw) if raw else ():
             self._send(data)
         self.reported += n
         self.aggregated += n

@@ -28,8 +28,8 @@ from flasktop.model.workers import (
     MAX_TIDS, MB, Pending, ThreadState, WorkerState, request_cut, running_at, same_request,
 )
 from flasktop.protocol import (
-    AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S, AGG_ZERO, KIND_AGGREGATES, KIND_INFLIGHT,
-    KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request, bucket_value,
+    AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S, AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS,
+    KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request, bucket_value,
 )
 
 T = TypeVar("T")
@@ -120,7 +120,7 @@ class Model:
         w.beacon_t = now
         if dg.kind == KIND_REQUESTS:
             self._requests(w, dg, now)
-        elif dg.kind == KIND_AGGREGATES:
+        elif dg.kind == KIND_AGGREGATES or dg.kind == KIND_DURATIONS:
             self._aggregates(w, dg, now)
         elif dg.kind == KIND_INFLIGHT:
             if dg.t < w.inflight_t:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from array import array
 from typing import List, Tuple
 
 from hypothesis import given, settings
@@ -223,6 +225,35 @@ def test_decoded_datagrams_fold() -> None:
     for d in durs:
         sk.add(d, 3)
     assert r.p95_ms == round(sk.quantile(0.95) * 1000, 3)
+
+
+def test_decoded_durations_fold_as_the_aggregates_of_the_same_requests() -> None:
+    """Kind "d" (a busy flush's durations, bucketed by decode()) folds exactly as kind "a"
+    rows of the same requests: counts, quantiles and histogram."""
+    durs = list(array("f", lognormal(5000, seed=9)))  # what float32 keeps of them
+    ms = 1_700_000_001_000
+    le = array("f", durs)
+    if sys.byteorder == "big":  # the wire is little-endian
+        le.byteswap()
+    raw = le.tobytes()
+    wire_d = Encoder(7).durations(ms, [["/r", "r", "GET", 200, "", 7, 150, raw]])
+    assert len(wire_d) > 1  # split: a datagram holds a few hundred
+    buckets: dict = {}
+    for d in durs:
+        buckets[bucket_of(d)] = buckets.get(bucket_of(d), 0) + 1
+    wire_a = Encoder(7).aggregates(ms, [["/r", "r", "GET", 200, "", 7, 150, sorted(buckets.items())]])
+    snaps = []
+    for wire in (wire_d, wire_a):
+        m = attached()
+        for data in wire:
+            dg = decode(data)
+            assert isinstance(dg, Datagram)
+            m.feed(dg, ms / 1000)
+        snaps.append(route(m.snapshot(ms / 1000), "/r"))
+    d, a = snaps
+    assert d.count == a.count == 5000
+    assert (d.p50_ms, d.p95_ms, d.p99_ms, d.max_ms) == (a.p50_ms, a.p95_ms, a.p99_ms, a.max_ms)
+    assert d.histogram == a.histogram
 
 
 def test_bounded_under_a_flood_of_aggregates() -> None:
