@@ -20,7 +20,6 @@ import math
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 from array import array
@@ -73,7 +72,6 @@ _INV_LOG2_GAMMA = 1.0 / math.log2(protocol.AGG_GAMMA)
 # method, exception) as a group id into ``Reporter.group_info``.
 QUAD = struct.Struct("4d")
 _ONE_D = struct.Struct("d")
-_BIG_ENDIAN = sys.byteorder == "big"  # kind "d" sends little-endian float32
 GROUPS_CAP = 2048
 LANE_CAP = 100_000  # requests a lane may hold between two flushes; the oldest past it are dropped
 UNTRACKED = -1.0  # the group of a request that left Flask unseen: status unknown, route unknown
@@ -510,10 +508,7 @@ class Reporter:
         if g0 > 0 and rest.tobytes() == _ONE_D.pack(g0) * (n - budget):
             quiet = durs[budget:]
             if max(quiet) < SLOW_S:  # the durations themselves: flasktop buckets them
-                raw = array("f", quiet)
-                if _BIG_ENDIAN:
-                    raw.byteswap()
-                self._aggregate_lane(tid, {g0: raw.tobytes()}, n - budget,
+                self._aggregate_lane(tid, {g0: protocol.duration_words(quiet)}, n - budget,
                                      t0s[budget] + durs[budget], t0s[-1] + durs[-1])
                 return 0
         loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
@@ -558,7 +553,7 @@ class Reporter:
 
     def _aggregate_lane(self, tid: int, grouped: Dict[float, Any], n: int,
                         first_end: float, last_end: float) -> None:
-        """Send a lane's (bucket, count) pairs, or raw float32 durations, per group id."""
+        """Send a lane's (bucket, count) pairs, or its durations' words, per group id."""
         info = self.group_info
         groups = []
         for g, buckets in grouped.items():
@@ -572,7 +567,7 @@ class Reporter:
         requests in all, which ended between ``first_end`` and ``last_end`` (perf_counter
         seconds; records are nearly in end order, so these are the first and the last).
         ``buckets`` is a list of (key, count) pairs (kind "a"), or the durations as
-        little-endian float32 bytes (kind "d")."""
+        ``protocol.duration_words`` makes them (kind "d")."""
         now = time.perf_counter()
         t_ms = int(time.time() * 1000)
         span = int(min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from flasktop.model.sketch import Sketch
 from flasktop.protocol import (
     AGG_MAX_KEY, AGG_ZERO, UNMATCHED, Aggregate, Datagram, Encoder, bucket_of, decode,
+    duration_words,
 )
 from tests.model.helpers import T0, agg, counted, done, model, proc, req, tick
 
@@ -230,13 +231,16 @@ def test_decoded_datagrams_fold() -> None:
 def test_decoded_durations_fold_as_the_aggregates_of_the_same_requests() -> None:
     """Kind "d" (a busy flush's durations, bucketed by decode()) folds exactly as kind "a"
     rows of the same requests: counts, quantiles and histogram."""
-    durs = list(array("f", lognormal(5000, seed=9)))  # what float32 keeps of them
+    words = duration_words(array("d", lognormal(5000, seed=9)))
+    full = bytearray(2 * len(words))  # what kind "d" keeps of them: the high halves
+    memoryview(full).cast("I")[1::2] = memoryview(words).cast("I")
+    kept = array("d")
+    kept.frombytes(full)
+    if sys.byteorder == "big":
+        kept.byteswap()
+    durs = list(kept)
     ms = 1_700_000_001_000
-    le = array("f", durs)
-    if sys.byteorder == "big":  # the wire is little-endian
-        le.byteswap()
-    raw = le.tobytes()
-    wire_d = Encoder(7).durations(ms, [["/r", "r", "GET", 200, "", 7, 150, raw]])
+    wire_d = Encoder(7).durations(ms, [["/r", "r", "GET", 200, "", 7, 150, words]])
     assert len(wire_d) > 1  # split: a datagram holds a few hundred
     buckets: dict = {}
     for d in durs:
