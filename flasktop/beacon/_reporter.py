@@ -40,10 +40,10 @@ QUEUE_CAP = 10_000  # records not yet seen by the flusher; past it requests go u
 INFLIGHT_CAP = 10_000  # running requests tracked; past it the oldest are forgotten, counted
 WAKE_AT = 4096  # a queue this long wakes the flusher early (the slow path's queue)
 # Seconds between flushes: once a second, the in-flight report's period and the UI's
-# refresh, so a request reaches the screen within about two seconds. Every flush costs a
-# fixed ~1 ms of a cold thread's CPU (the wake-up, the one-by-one events, the sends, the
-# caches it evicts from under the app), whatever it carries: at 0.3 s a busy worker paid
-# that 3.3 times a second (docs/benchmarks.md).
+# refresh, so a request reaches the screen within about two seconds. A busy flush costs a
+# fixed ~0.5 ms of a cold thread's CPU (the wake-up, the one-by-one events, the sends),
+# whatever it carries: at 0.3 s a busy worker paid that 3.3 times a second
+# (docs/benchmarks.md).
 FLUSH_INTERVAL = 1.0
 REPORT_INTERVAL = 1.0  # seconds between in-flight reports (the heartbeat)
 REPORT_ROWS = 96  # at most this many in-flight rows are encoded (oldest first)
