@@ -413,10 +413,27 @@ _B64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=
 _MAX_DUR_S = _MAX_DUR_US / 1e6
 
 
-def _duration_buckets(raw: str) -> Optional[tuple]:
+def _bucket_pairs(buckets: object) -> Optional[tuple]:
+    """Kind "a"'s buckets as (bucket key, requests) pairs, or None unless a list of 1 to
+    _MAX_AGG_BUCKETS ``[k, n]`` pairs of integers within their limits."""
+    if type(buckets) is not list or not 0 < len(buckets) <= _MAX_AGG_BUCKETS:
+        return None
+    pairs = []
+    for b in buckets:
+        if type(b) is not list or len(b) != 2:
+            return None
+        k, n = b
+        if not (type(k) is int and (-AGG_MAX_KEY < k <= AGG_MAX_KEY or k == AGG_ZERO)
+                and _int(n, 1, _MAX_AGG_COUNT)):
+            return None
+        pairs.append((k, n))
+    return tuple(pairs)
+
+
+def _duration_buckets(raw: object) -> Optional[tuple]:
     """Kind "d"'s durations (base64 of :func:`duration_words`) as sorted (bucket key,
     requests) pairs, or None unless every one is a finite duration of at most a week."""
-    if not raw or not _B64.match(raw):
+    if type(raw) is not str or not raw or not _B64.match(raw):
         return None
     data = binascii.a2b_base64(raw)
     if len(data) % 4:
@@ -434,6 +451,10 @@ def _duration_buckets(raw: str) -> Optional[tuple]:
     else:
         keys = map(bucket_of, durs)
     return tuple(sorted(Counter(keys).items()))
+
+
+# The last item of an aggregate row, by kind: what reads it into (bucket key, requests) pairs
+_BUCKET_READERS = {KIND_AGGREGATES: _bucket_pairs, KIND_DURATIONS: _duration_buckets}
 
 
 def decode(data: bytes) -> Decoded:
@@ -524,26 +545,8 @@ def _decode(data: bytes) -> Decoded:
         if total < len(flights):
             return Reject("bad_field")
         return Datagram(kind, pid, seq, t, (), tuple(flights), total, x[0], x[1])
-    if kind == KIND_DURATIONS:
-        aggs = []
-        for ev in events:
-            if type(ev) is not list or len(ev) != _AGGREGATE_FIELDS:
-                return Reject("bad_event")
-            r, ep, m, status, exc, tid, span, raw = ev
-            if not (_int(r, 0, n_strings - 1) and _int(ep, 0, n_strings - 1)
-                    and _int(m, 0, n_strings - 1) and _int(exc, -1, n_strings - 1)):
-                return Reject("bad_index")
-            if not (_int(status, 0, 999) and _int(tid, 1, _MAX_TID) and _int(span, 0, _MAX_AGE_MS)
-                    and type(raw) is str):
-                return Reject("bad_field")
-            pairs = _duration_buckets(raw)
-            if pairs is None:
-                return Reject("bad_field")
-            aggs.append(Aggregate(strings[r], strings[ep], strings[m], status,
-                                  strings[exc] if exc >= 0 else "", tid, t - span / 1000.0, t,
-                                  pairs))
-        return Datagram(kind, pid, seq, t, (), (), 0, 0, 0, tuple(aggs))
-    if kind == KIND_AGGREGATES:
+    read_buckets = _BUCKET_READERS.get(kind)
+    if read_buckets is not None:
         aggs = []
         for ev in events:
             if type(ev) is not list or len(ev) != _AGGREGATE_FIELDS:
@@ -552,21 +555,14 @@ def _decode(data: bytes) -> Decoded:
             if not (_int(r, 0, n_strings - 1) and _int(ep, 0, n_strings - 1)
                     and _int(m, 0, n_strings - 1) and _int(exc, -1, n_strings - 1)):
                 return Reject("bad_index")
-            if not (_int(status, 0, 999) and _int(tid, 1, _MAX_TID) and _int(span, 0, _MAX_AGE_MS)
-                    and type(buckets) is list and 0 < len(buckets) <= _MAX_AGG_BUCKETS):
+            if not (_int(status, 0, 999) and _int(tid, 1, _MAX_TID) and _int(span, 0, _MAX_AGE_MS)):
                 return Reject("bad_field")
-            pairs = []
-            for b in buckets:
-                if type(b) is not list or len(b) != 2:
-                    return Reject("bad_field")
-                k, n = b
-                if not (type(k) is int and (-AGG_MAX_KEY < k <= AGG_MAX_KEY or k == AGG_ZERO)
-                        and _int(n, 1, _MAX_AGG_COUNT)):
-                    return Reject("bad_field")
-                pairs.append((k, n))
+            pairs = read_buckets(buckets)
+            if pairs is None:
+                return Reject("bad_field")
             aggs.append(Aggregate(strings[r], strings[ep], strings[m], status,
                                   strings[exc] if exc >= 0 else "", tid, t - span / 1000.0, t,
-                                  tuple(pairs)))
+                                  pairs))
         return Datagram(kind, pid, seq, t, (), (), 0, 0, 0, tuple(aggs))
     return Reject("bad_kind")
 
