@@ -130,8 +130,8 @@ def _valid_objects() -> List[dict]:
     aggs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150,
              [[bucket_of(0.0123), 40], [AGG_ZERO, 1], [AGG_MAX_KEY, 2]]],
             ["/export", "export", "POST", 503, "Timeout", 4251, 0, [[-AGG_MAX_KEY + 1, 1]]]]
-    durs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150, _f32([0.0123, 0.0, 2e-3])],
-            ["/export", "export", "POST", 503, "Timeout", 4251, 0, _f32([1e-7])]]
+    durs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150, _words([0.0123, 0.0, 2e-3])],
+            ["/export", "export", "POST", 503, "Timeout", 4251, 0, _words([1e-7])]]
     return [json.loads(enc.requests(T_MS, rows)[0]),
             json.loads(enc.inflight(T_MS, flights, total=3, dropped=1, send_errors=2)[0]),
             json.loads(enc.aggregates(T_MS, aggs)[0]),
@@ -139,7 +139,7 @@ def _valid_objects() -> List[dict]:
             json.loads(enc.durations(T_MS, durs[1:])[0])]
 
 
-def _f32(durations: List[float]) -> bytes:
+def _words(durations: List[float]) -> bytes:
     """Durations as kind "d" carries them: the high halves of little-endian binary64s
     (written here without protocol.duration_words, which a test compares with this)."""
     return b"".join(struct.pack("<d", d)[4:] for d in durations)
@@ -449,7 +449,7 @@ def test_sequence_numbers_have_no_holes(calls: list) -> None:
         elif kind == KIND_AGGREGATES:
             out = enc.aggregates(T_MS, [_clipped(r, (0, 1, 2, 4)) for r in aggs])
         elif kind == KIND_DURATIONS:
-            out = enc.durations(T_MS, [_clipped(r, (0, 1, 2, 4))[:7] + [_f32([1e-3] * len(r[7]))]
+            out = enc.durations(T_MS, [_clipped(r, (0, 1, 2, 4))[:7] + [_words([1e-3] * len(r[7]))]
                                        for r in aggs])
         else:
             rows = [_clipped(r, (0, 1, 2)) for r in flights]
@@ -665,7 +665,7 @@ def test_durations_round_trip_as_the_buckets_of_every_duration(pid: int, t: int,
     a row too long for one datagram is split, one event a datagram, none over the limit."""
     rows = [_clipped(r, (0, 1, 2, 4)) for r in rows]
     enc = Encoder(pid)
-    datagrams = enc.durations(t, [r[:7] + [_f32(r[7])] for r in rows])
+    datagrams = enc.durations(t, [r[:7] + [_words(r[7])] for r in rows])
     assert enc.seq == len(datagrams)
     got: List[Aggregate] = []
     for i, data in enumerate(datagrams):
@@ -695,12 +695,12 @@ def test_durations_example() -> None:
     enc.seq = 10
     durs = [0.0412, 0.0412, 0.0, 1e-3]
     [data] = enc.durations(T_MS, [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150,
-                                   _f32(durs)]])
+                                   _words(durs)]])
     obj = json.loads(data)
     assert obj == {"v": 1, "k": "d", "pid": 7, "seq": 11, "t": T_MS,
                    "s": ["/orders/<int:oid>", "orders", "GET"],
                    "e": [[0, 1, 2, 200, -1, 4250, 150,
-                          binascii.b2a_base64(_f32(durs), newline=False).decode()]]}
+                          binascii.b2a_base64(_words(durs), newline=False).decode()]]}
     assert b" " not in data
     d = decode_checked(data)
     [a] = d.aggregates
@@ -719,20 +719,20 @@ def _b64(raw: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("payload, reason", [
-    (_b64(_f32([0.001, 0.0, 604800.0])), None),
-    (_b64(_f32([0.001]))[:-1], "bad_field"),  # padding cut
-    (_b64(_f32([0.001])) + b"=", "bad_field"),
-    (_b64(_f32([0.001]))[:-2] + b"!!", "bad_field"),  # not base64
+    (_b64(_words([0.001, 0.0, 604800.0])), None),
+    (_b64(_words([0.001]))[:-1], "bad_field"),  # padding cut
+    (_b64(_words([0.001])) + b"=", "bad_field"),
+    (_b64(_words([0.001]))[:-2] + b"!!", "bad_field"),  # not base64
     (_b64(b"\x01\x02\x03"), "bad_field"),  # not whole words
-    (_b64(_f32([0.001, -0.001, 0.002])), "bad_field"),  # negative
-    (_b64(_f32([604801.0])), "bad_field"),  # over a week
-    (_b64(_f32([0.001, float("nan")])), "bad_field"),
-    (_b64(_f32([float("inf"), 0.001])), "bad_field"),
-    (_b64(_f32([float("-inf")])), "bad_field"),
+    (_b64(_words([0.001, -0.001, 0.002])), "bad_field"),  # negative
+    (_b64(_words([604801.0])), "bad_field"),  # over a week
+    (_b64(_words([0.001, float("nan")])), "bad_field"),
+    (_b64(_words([float("inf"), 0.001])), "bad_field"),
+    (_b64(_words([float("-inf")])), "bad_field"),
     (b"", "bad_field"),  # no durations
 ])
 def test_durations_decode_rejects(payload: bytes, reason: Any) -> None:
-    good = b'[0,1,2,200,-1,1,0,"' + _b64(_f32([0.001])) + b'"]'
+    good = b'[0,1,2,200,-1,1,0,"' + _b64(_words([0.001])) + b'"]'
     data = _DUR % (good + b',[0,1,2,200,3,1,0,"' + payload + b'"]')  # all or nothing
     out = decode_checked(data)
     if reason is None:
@@ -758,4 +758,4 @@ def test_durations_decode_rejects_bad_fields(row: bytes, reason: str) -> None:
 @given(st.lists(week_floats, max_size=200))
 def test_duration_words_are_the_high_halves_of_little_endian_doubles(durs: List[float]) -> None:
     from flasktop.protocol import duration_words
-    assert duration_words(array("d", durs)) == _f32(durs)
+    assert duration_words(array("d", durs)) == _words(durs)

@@ -583,9 +583,7 @@ class Reporter:
                 raw.append(row + [buckets])
             else:
                 rows.append(row + [sorted(buckets)])
-        for data in self.encoder.aggregates(t_ms, rows) if rows else ():
-            self._send(data)
-        for data in self.encoder.durations(t_ms, raw) if raw else ():
+        for data in self.encoder.aggregates(t_ms, rows) + self.encoder.durations(t_ms, raw):
             self._send(data)
         self.reported += n
         self.aggregated += n
