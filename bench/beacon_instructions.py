@@ -3,8 +3,11 @@
 Wall-clock and CPU-time differences of a few tenths of a microsecond drown in this machine's
 noise (two processes of the same variant differ by up to 0.6 us a request). callgrind counts
 instructions instead: repeatable whatever else the machine does, so it can tell which of two
-versions of the request path does less. It does not see cache misses or branch mispredictions,
-so a lower count is a reason to measure with ``beacon_overhead.py``, not a result by itself.
+versions of the request path does less. Instructions alone miss cache misses and branch mispredictions;
+``--sim`` adds callgrind's simulated caches and branch predictor (a model, not this CPU), which
+tells apart two request paths of the same count: the beacon before and after it stopped putting
+Flask's method calls on the app back to the generic lookup (docs/benchmarks.md). A lower count
+is a reason to measure with ``beacon_overhead.py``, not a result by itself.
 
 Each variant runs in its own process under ``valgrind --tool=callgrind``, twice: serving
 ``--n1`` and then ``--n2`` hello-world requests in-process; the difference of the two totals
@@ -16,7 +19,10 @@ over ``n2 - n1`` is the count per request, free of start-up. Variants:
   thread's lane emptied between blocks of requests (the flusher's work is timed by
   ``beacon_flusher.py``; under callgrind every request looks slow, which would change it).
 
-    .venv/bin/python bench/beacon_instructions.py [--n1 1000] [--n2 3000]
+It also prints, for each variant, how many method loads a request executes in Flask's code
+that CPython 3.11 left unspecialized (read with ``dis`` after a warm-up, no valgrind needed).
+
+    .venv/bin/python bench/beacon_instructions.py [--n1 1000] [--n2 3000] [--sim]
 
 Needs valgrind (Debian's package). Takes about a minute per variant.
 """
@@ -40,11 +46,22 @@ VARIANTS = ("bare", "clock", "beacon")
 
 def serve(variant: str, n: int) -> None:
     """The child: ``n`` requests of ``variant`` (after a warm-up of the same size as a block)."""
+    app, base, lanes = make(variant)
+    from beacon_overhead import run_block
+
+    for _ in range(1 + n // BLOCK):  # the first block is the warm-up
+        run_block(app, base, BLOCK)
+        for lane in lanes:
+            del lane.buf[:]
+
+
+def make(variant: str) -> Any:
+    """(app, environ, lanes) of ``variant``."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     from werkzeug.test import EnvironBuilder
 
-    from beacon_overhead import ClockOnly, hello_app, run_block
+    from beacon_overhead import ClockOnly, hello_app
 
     app: Any = hello_app()
     lanes: List[Any] = []
@@ -57,48 +74,97 @@ def serve(variant: str, n: int) -> None:
         assert beacon.hook is not None, "the fast path was not taken"
         beacon.reporter.start = lambda: None  # type: ignore[method-assign]  # no flusher thread
         lanes = beacon.reporter.lanes
-    base = EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
-    for _ in range(1 + n // BLOCK):  # the first block is the warm-up
-        run_block(app, base, BLOCK)
-        for lane in lanes:
-            del lane.buf[:]
+    return app, EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ(), lanes
 
 
-def count(variant: str, n: int) -> int:
-    """Total instructions callgrind counts for a child serving ``n`` requests."""
+def unspecialized(variant: str) -> int:
+    """The child: method loads in Flask's code that one warm request executes unspecialized."""
+    import dis
+
+    executed: List[Any] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            executed.append((frame.f_code, frame.f_lasti))
+        return tracer
+
+    app, base, _lanes = make(variant)
+    from beacon_overhead import run_block
+
+    run_block(app, base, 3 * BLOCK)
+    sys.settrace(tracer)
+    run_block(app, base, 1)
+    sys.settrace(None)
+    forms: Dict[Any, Dict[int, str]] = {}
+    n = 0
+    for code, offset in executed:
+        if "flask" + os.sep not in code.co_filename:
+            continue
+        if code not in forms:
+            forms[code] = {i.offset: i.opname
+                           for i in dis.get_instructions(code, adaptive=True)}  # type: ignore[call-arg]
+        n += forms[code].get(offset) in ("LOAD_METHOD", "LOAD_METHOD_ADAPTIVE")
+    return n
+
+
+def count(variant: str, n: int, sim: bool = False) -> Dict[str, int]:
+    """Callgrind's totals (Ir, and with ``sim`` the cache and branch events) for a child
+    serving ``n`` requests."""
+    extra = ["--cache-sim=yes", "--branch-sim=yes"] if sim else []
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
+            ["valgrind", "--tool=callgrind", *extra, f"--callgrind-out-file={tmp}/cg.out",
              sys.executable, __file__, "--child", variant, str(n)],
             env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True, timeout=1800)
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"callgrind failed for {variant}: {out.stderr.strip()[-400:]}")
-    return int(found.group(1))
+        if out.returncode != 0:
+            raise SystemExit(f"callgrind failed for {variant}: {out.stderr.strip()[-400:]}")
+        text = Path(tmp, "cg.out").read_text()
+    events = re.search(r"^events: (.+)$", text, re.M)
+    totals = re.search(r"^(?:summary|totals): (.+)$", text, re.M)
+    if events is None or totals is None:
+        raise SystemExit(f"callgrind wrote no totals for {variant}")
+    return dict(zip(events.group(1).split(), map(int, totals.group(1).split())))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--n1", type=int, default=1000)
     p.add_argument("--n2", type=int, default=3000)
+    p.add_argument("--sim", action="store_true",
+                   help="also simulate caches and branch prediction (about 3x slower)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--unspecialized", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         serve(args.child[0], int(args.child[1]))
         return
+    if args.unspecialized:
+        print(unspecialized(args.unspecialized))
+        return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     n1, n2 = sorted((max(BLOCK, args.n1), max(2 * BLOCK, args.n2)))
-    per: Dict[str, float] = {}
+    per: Dict[str, Dict[str, float]] = {}
     for variant in VARIANTS:
-        per[variant] = (count(variant, n2) - count(variant, n1)) / (n2 - n1)
-    print(f"\nInstructions per Flask hello-world request (callgrind, {n2 - n1} requests; "
+        a, b = count(variant, n1, args.sim), count(variant, n2, args.sim)
+        per[variant] = {k: (b[k] - a[k]) / (n2 - n1) for k in a}
+    loads = {v: subprocess.run([sys.executable, __file__, "--unspecialized", v], check=True,
+                               capture_output=True, text=True).stdout.strip() for v in VARIANTS}
+    print(f"\nPer Flask hello-world request (callgrind, {n2 - n1} requests; "
           f"Python {sys.version.split()[0]})")
+    cols = ["Ir"] + (["I1mr", "D1mr", "D1mw", "Bcm", "Bim"] if args.sim else [])
+    print(f"{'variant':<8} " + " ".join(f"{c:>16}" for c in cols)
+          + f" {'unspecialized':>14}")
     for variant in VARIANTS:
-        added = per[variant] - per["bare"]
-        print(f"{variant:<8} {per[variant]:>10,.0f}   added {added:>+8,.0f} "
-              f"({added / per['bare'] * 100:+.1f}%)")
-    print("(run to run the counts move by a few hundred: type-cache and dict layouts)")
+        row = per[variant]
+        print(f"{variant:<8} " + " ".join(
+            f"{row[c]:>8,.0f} {row[c] - per['bare'][c]:>+7,.0f}" for c in cols)
+            + f" {loads[variant]:>14}")
+    print("(each: per request, then added to bare Flask. Ir instructions; I1mr, D1mr, D1mw "
+          "simulated L1 misses; Bcm, Bim simulated mispredicted conditional and indirect "
+          "branches; unspecialized: method loads in Flask's code left generic. Run to run "
+          "the counts move by a few hundred instructions: type-cache and dict layouts)")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,13 @@ def free_udp_port() -> int:
 
 
 def hello_app() -> Flask:
-    app = Flask("hello")
+    # Each variant's app is of a class of its own, as a worker's one app is alone with its
+    # class. On CPython 3.11 a class's instances share one table of attribute names, with
+    # room for about 29; a Flask 3.1 app has 27, and Flask's calls on the app stay
+    # specialized only while all of its attributes are in that table. One app per class
+    # keeps the variants' attributes from crowding each other out of it (the clock-only
+    # middleware's wsgi_app would otherwise take a place the beacon's app needs).
+    app = type("Flask", (Flask,), {})("hello")
 
     @app.route("/")
     def index() -> str:

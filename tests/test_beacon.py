@@ -171,6 +171,43 @@ def test_exception_type_on_500_and_when_it_propagates(rx: Receiver) -> None:
     assert len(escaped) == 1 and escaped[0].exc == "PaymentDeclined" and escaped[0].size == -1
 
 
+def test_the_app_gets_two_attributes_and_errors_are_watched_on_its_class(rx: Receiver) -> None:
+    """More attributes on the app would cost Flask its specialized method calls on CPython
+    3.11 (see _watch_errors): the error hook lives on the class that defines
+    should_ignore_error, wraps it once, and still calls what it wraps."""
+    plain = Flask("plain")
+    before = set(vars(plain))
+    Beacon(plain, address=rx.address)
+    assert set(vars(plain)) - before == {"request_context", "response_class"}
+
+    class Strict(Flask):
+        ignored: List[str] = []
+
+        def should_ignore_error(self, error: Optional[BaseException]) -> bool:  # no super()
+            self.ignored.append(type(error).__name__)
+            return False
+
+    app = Strict("strict")
+
+    class Boom(Exception):
+        pass
+
+    @app.route("/raise/<int:n>")
+    def raise_(n: int) -> str:
+        raise Boom(n)
+
+    logging.getLogger(app.name).disabled = True
+    Beacon(app, address=rx.address)
+    Beacon(create_app(), address=rx.address)  # another app of another class
+    hook = Strict.should_ignore_error
+    Beacon(Strict("again"), address=rx.address)
+    assert Strict.should_ignore_error is hook  # wrapped once per class
+    assert call(app, "/raise/7")[0].startswith("500")
+    [(_, req)] = rx.wait_requests("/raise/<int:n>", 1)
+    assert (req.status, req.exc) == (500, "Boom")
+    assert Strict.ignored == ["Boom"]  # the app's own should_ignore_error still ran
+
+
 def test_streaming_duration_counts_until_close_and_size_is_bytes_sent(rx: Receiver) -> None:
     app, _ = beacon_app(rx.address)
     environ = EnvironBuilder(path="/stream/2").get_environ()

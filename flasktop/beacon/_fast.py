@@ -10,8 +10,9 @@ and keeping a record object per request until another thread reads it costs more
 - ``app.response_class`` gets a subclass whose ``__call__`` is werkzeug's three lines
   plus appending the request's group (status, rule, method) and size to the lane and
   its end stamp to werkzeug's ``ClosingIterator`` callbacks;
-- ``app.should_ignore_error``, which Flask calls only when a request raised, ends a
-  request that an exception takes out of Flask (gunicorn's timeout, PROPAGATE_EXCEPTIONS).
+- ``should_ignore_error``, which Flask calls only when a request raised, ends a request
+  that an exception takes out of Flask (gunicorn's timeout, PROPAGATE_EXCEPTIONS). It is
+  hooked on the app's class, not on the app (see ``_watch_errors``).
 
 A lane is one thread's open request (its environ, start, group and size, as attributes)
 and a ``bytearray`` of the (start, group, size, duration) quads of its ended requests, packed
@@ -134,11 +135,11 @@ class FlaskHook:
         own = type(app).request_context is sys.modules["flask.app"].Flask.request_context
         self._make_ctx = sys.modules["flask.ctx"].RequestContext if own else None
         self._orig_request_context = app.request_context
-        self._orig_should_ignore_error = app.should_ignore_error
+        _watch_errors(type(app))
+        # The app gets exactly two attributes: see _watch_errors for why not more.
         self.response_class = self._subclass(app.response_class)
         app.response_class = self.response_class
         app.request_context = self._request_context_fn()
-        app.should_ignore_error = self._should_ignore_error
 
     # -- the request path ----------------------------------------------------------
 
@@ -398,15 +399,6 @@ class FlaskHook:
             _log_failure_once("recording a response")
             return app_iter
 
-    def _should_ignore_error(self, error: Optional[BaseException]) -> Any:
-        """Flask calls this only for a request that raised, before it forgets the request."""
-        try:
-            if error is not None:
-                self._raised(error)
-        except Exception:  # noqa: BLE001
-            pass
-        return self._orig_should_ignore_error(error)
-
     def _raised(self, error: BaseException) -> None:
         ctx = _current_request_ctx()
         if ctx is None:
@@ -431,6 +423,51 @@ class FlaskHook:
         else:  # Flask made a 500 of it: the group learns the exception's name
             code = self.reporter.group_info[int(abs(lane.gk))][0]
             lane.gk = self._group(code, rule, method, name) or lane.gk
+
+
+EXTENSION = "flasktop_beacon"  # the app.extensions key of the app's Beacon
+_WATCHED = "__flasktop_watches_errors__"
+_watch_lock = threading.Lock()
+
+
+def _watch_errors(cls: type) -> None:
+    """Hook ``should_ignore_error`` on the class that defines it for ``cls`` (once; the hook
+    defers to it). Flask calls it only for a request that raised, before it forgets the
+    request; the hook finds the app's ``FlaskHook`` through ``app.extensions``.
+
+    On the class, not as a third attribute of the app, because of what attributes of the
+    app cost Flask. CPython 3.11 keeps the attributes of a class's instances in a table of
+    names the instances share, and ``app.full_dispatch_request()`` and the other dozen calls
+    Flask makes on the app each request stay specialized (a cached lookup) only while the
+    app's attributes are all in that table. It has room for about 29 names; a Flask 3.1
+    app has 27. A third name put the app's dict out of the table, and those calls went
+    back to the generic lookup: 19 unspecialized method loads a request instead of 6, and
+    a third of the beacon's simulated instruction-cache misses (docs/benchmarks.md)."""
+    try:
+        with _watch_lock:
+            owner = next((k for k in cls.__mro__ if "should_ignore_error" in vars(k)), None)
+            if owner is None:
+                return
+            orig = vars(owner)["should_ignore_error"]
+            if getattr(orig, _WATCHED, False):
+                return
+
+            def should_ignore_error(self: Any, error: Optional[BaseException]) -> Any:
+                if error is not None:
+                    try:
+                        hook = getattr(self.extensions.get(EXTENSION), "hook", None)
+                        if hook is not None:
+                            hook._raised(error)
+                    except Exception:  # noqa: BLE001 - never into Flask's error handling
+                        pass
+                return orig(self, error)
+
+            for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+                setattr(should_ignore_error, attr, getattr(orig, attr, None))
+            setattr(should_ignore_error, _WATCHED, True)
+            setattr(owner, "should_ignore_error", should_ignore_error)
+    except Exception:  # noqa: BLE001
+        _log_failure_once("hooking should_ignore_error")
 
 
 _SIZES: Dict[str, float] = {}  # Content-Length value -> its float; the first SIZES_CAP seen

@@ -6,7 +6,7 @@ import logging
 from typing import Any, Optional
 
 from flasktop.beacon._address import AddressArg, choose
-from flasktop.beacon._fast import FlaskHook, eligible
+from flasktop.beacon._fast import EXTENSION, FlaskHook, eligible
 from flasktop.beacon._middleware import BeaconMiddleware
 from flasktop.beacon._reporter import EXC, RULE, HasReporter, Reporter, find_record, reporter_for
 
@@ -42,8 +42,8 @@ class Beacon(HasReporter):
         if isinstance(existing, BeaconMiddleware):
             self.middleware, self.reporter = existing, existing.reporter
             return
-        if "flasktop_beacon" in app.extensions:  # already in (fast, or under another middleware)
-            other = app.extensions["flasktop_beacon"]
+        if EXTENSION in app.extensions:  # already in (fast, or under another middleware)
+            other = app.extensions[EXTENSION]
             self.middleware, self.hook, self.reporter = other.middleware, other.hook, other.reporter
             return
         if eligible(app):
@@ -52,14 +52,14 @@ class Beacon(HasReporter):
                 return
             self.hook = FlaskHook(app, reporter)
             self.reporter = reporter
-            app.extensions["flasktop_beacon"] = self
+            app.extensions[EXTENSION] = self
             return
         middleware = BeaconMiddleware(existing, self.address, config=app.config)
         if not middleware.enabled:
             return
         _watch_exceptions(app)
         app.wsgi_app = middleware
-        app.extensions["flasktop_beacon"] = self
+        app.extensions[EXTENSION] = self
         self.middleware, self.reporter = middleware, middleware.reporter
 
 
