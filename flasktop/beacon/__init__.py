@@ -20,6 +20,7 @@ DEFAULT_ADDRESS = "127.0.0.1:9711"
 from typing import Any  # noqa: E402
 
 from flasktop.beacon._address import AddressArg  # noqa: E402
+from flasktop.beacon._fast import EXTENSION  # noqa: E402
 from flasktop.beacon._flask import Beacon  # noqa: E402
 from flasktop.beacon._middleware import BeaconMiddleware  # noqa: E402
 
@@ -35,7 +36,7 @@ def instrument(app: Any, address: AddressArg = None) -> Any:
     try:
         if (isinstance(app, BeaconMiddleware)
                 or isinstance(getattr(app, "wsgi_app", None), BeaconMiddleware)
-                or "flasktop_beacon" in (getattr(app, "extensions", None) or {})):
+                or EXTENSION in (getattr(app, "extensions", None) or {})):
             return app
         if _is_flask(app):
             Beacon(app, address)

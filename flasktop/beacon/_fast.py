@@ -30,7 +30,7 @@ import copyreg
 import sys
 import threading
 from contextvars import ContextVar
-from functools import partial
+from functools import partial, wraps
 from threading import get_ident, get_native_id
 from time import perf_counter
 from typing import Any, Callable, Dict, List, Optional
@@ -452,6 +452,7 @@ def _watch_errors(cls: type) -> None:
             if getattr(orig, _WATCHED, False):
                 return
 
+            @wraps(orig)
             def should_ignore_error(self: Any, error: Optional[BaseException]) -> Any:
                 if error is not None:
                     try:
@@ -462,8 +463,6 @@ def _watch_errors(cls: type) -> None:
                         pass
                 return orig(self, error)
 
-            for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
-                setattr(should_ignore_error, attr, getattr(orig, attr, None))
             setattr(should_ignore_error, _WATCHED, True)
             setattr(owner, "should_ignore_error", should_ignore_error)
     except Exception:  # noqa: BLE001

@@ -17,11 +17,12 @@ from typing import Any
 def post_worker_init(worker: Any) -> None:
     """Wrap ``worker.wsgi`` (a Flask app gets ``Beacon``) and start the heartbeat now."""
     from flasktop.beacon import BeaconMiddleware, instrument
+    from flasktop.beacon._fast import EXTENSION
 
     try:
         worker.wsgi = instrument(worker.wsgi)
         app = worker.wsgi
-        beacon = (getattr(app, "extensions", None) or {}).get("flasktop_beacon")
+        beacon = (getattr(app, "extensions", None) or {}).get(EXTENSION)
         if isinstance(app, BeaconMiddleware):
             reporter = app.reporter
         else:  # a Flask app: its Beacon's reporter (fast path or middleware)
