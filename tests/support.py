@@ -32,6 +32,19 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def written_line(path: Path) -> str:
+    """The first line of ``path`` once it has been written whole, else "".
+
+    A shell's ``echo ... > file`` creates the file before it writes to it, so a reader
+    that only waits for the file to exist can read it empty.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    return text.split("\n", 1)[0].strip() if "\n" in text else ""
+
+
 def wait_until(cond: Callable[[], T], timeout: float = 15.0, interval: float = 0.05,
                message: str = "condition") -> T:
     """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""

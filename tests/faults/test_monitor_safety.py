@@ -29,7 +29,7 @@ from tests.faults import (
     ROOT, Watch, app_env, cli, cli_env, frozen, proc_state, pyspy_children, pyspy_on, running,
     udp_port,
 )
-from tests.support import Gunicorn, gunicorn, kill_tree, wait_until
+from tests.support import Gunicorn, gunicorn, kill_tree, wait_until, written_line
 
 MAX_GAP_REFRESHES = 2.0  # see test_gunicorn_faults: 1.25 by design, room for a loaded box
 
@@ -168,10 +168,9 @@ def test_tui_signalled_restores_the_terminal_and_leaves_no_pyspy(busy, sig, tmp_
         signalled = time.monotonic()
         # run_ui's handler kills py-spy, asks the app to exit, and os._exit()s after 1.5 s if
         # the app cannot (leaving the terminal as it is, which the alternate_on check catches)
-        wait_until(exit_file.exists, timeout=2, interval=0.02,
-                   message="flasktop to exit after the signal")
+        code = wait_until(lambda: written_line(exit_file), timeout=3, interval=0.02,
+                          message="flasktop to exit after the signal")
         took = time.monotonic() - signalled
-        code = exit_file.read_text().strip()
         assert _tmux(sock, "display", "-p", "-t", name, "#{alternate_on}").strip() == "0", \
             "the terminal was left in the alternate screen"
         assert "Traceback" not in screen()

@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional, Tuple
 import psutil
 import pytest
 
-from tests.support import Gunicorn, gunicorn, kill_tree, wait_until
+from tests.support import Gunicorn, gunicorn, kill_tree, wait_until, written_line
 
 ROOT = Path(__file__).resolve().parents[2]
 TMUX = shutil.which("tmux")
@@ -243,9 +243,9 @@ def tmux_runs(app, tmp_path_factory):
         seen["after_resizes_alive"] = proc.is_running()
         for name in ("nocolor", "tiny"):
             t.run("send-keys", "-t", name, "q")
-        wait_until(lambda: (tmp / "rc-nocolor").exists() and (tmp / "rc-tiny").exists(), timeout=20,
-                   message="both to quit on q")
-        seen["rc"] = {n: (tmp / f"rc-{n}").read_text().strip() for n in ("nocolor", "tiny")}
+        wait_until(lambda: all(written_line(tmp / f"rc-{n}") for n in ("nocolor", "tiny")),
+                   timeout=20, message="both to quit on q")
+        seen["rc"] = {n: written_line(tmp / f"rc-{n}") for n in ("nocolor", "tiny")}
     finally:
         for name in ("nocolor", "tiny"):
             p = t.flasktop(name)
