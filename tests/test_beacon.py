@@ -860,6 +860,18 @@ def test_responses_pickle_and_copy_as_the_apps_own_class(rx: Receiver) -> None:
     assert (req.status, req.size) == (200, len(b"cached body"))
 
 
+def test_a_response_closed_without_being_served_ends_nothing(rx: Receiver) -> None:
+    app, beacon = beacon_app(rx.address)
+    with app.test_request_context("/"):
+        made = app.make_response("never sent")
+    made.close()  # not served: no lane of its own, and no exception out of close()
+    made.close()
+    assert call(app, "/orders/5")[0] == "200 OK"
+    [(_, req)] = rx.wait_requests("/orders/<int:oid>", 1)
+    assert req.status == 200
+    assert beacon.stats()["dropped"] == 0 and not rx.requests("/")
+
+
 def test_a_request_inside_a_request_is_reported_once_each(rx: Receiver) -> None:
     app, _ = beacon_app(rx.address)
 

@@ -220,7 +220,10 @@ class FlaskHook:
             def close(self) -> None:
                 """The end stamp (the open request becomes a quad), then the base class's
                 close: werkzeug's own is inlined, so no call is added."""
-                lane = self._ft_lane
+                try:
+                    lane = self._ft_lane
+                except AttributeError:  # closed without being called
+                    lane = None
                 if lane is not None:
                     self._ft_lane = None
                     try:
@@ -247,7 +250,12 @@ class FlaskHook:
                     state = {k: v for k, v in state.items() if k != "_ft_lane"}
                 return copyreg._reconstructor, (base, object, None), state
 
-            _ft_lane: Any = None  # the lane whose open request this response ends
+            # ``_ft_lane``, the lane whose open request this response ends, is an instance
+            # attribute only, set by __call__ (or _rare_response). No class default: CPython
+            # 3.12 and 3.13 leave every load and store of an instance attribute that is also
+            # a class attribute unspecialized (3.11 does not). No slot either: Flask's
+            # force_type() sets the __class__ of a plain Response returned by a view to this
+            # one, which a different layout would refuse.
 
         BeaconResponse.__name__ = base.__name__
         BeaconResponse.__qualname__ = base.__qualname__
@@ -370,6 +378,7 @@ class FlaskHook:
         """Every response the request path did not take: a new group, no matched rule
         (404, 405), no Content-Length (a stream), a file, or a request on the slow path."""
         try:
+            response._ft_lane = None  # its close() then needs no exception to know
             rec = environ.get("flasktop.rec")
             lane = getattr(self.tls, "lane", None)
             if rec is None and lane is not None and lane.environ is environ and not lane.gk:
