@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, List, Optional, Tuple
 
-from textual.app import App
+from textual.app import App, ScreenStackError, UnknownModeError
 from textual.binding import Binding, BindingType
 from textual.filter import Monochrome, NoColor
 from textual.reactive import reactive
@@ -71,10 +71,18 @@ class FlasktopApp(App[None]):
             return
         self._show_snapshot(message.snapshot)
 
+    def _top_screen(self) -> Optional[Screen]:
+        """The screen on top, or None once the app is closing: a snapshot posted by the
+        feed's thread can arrive after the last screen left the stack."""
+        try:
+            return self.screen
+        except (ScreenStackError, UnknownModeError):
+            return None
+
     def _show_snapshot(self, snap: Snapshot) -> None:
         self.snapshot = snap
         self.pending = 0
-        screen = self.screen
+        screen = self._top_screen()
         show = getattr(screen, "show", None)
         if show is None or not getattr(screen, "ready", False):
             return  # not composed yet: its on_mount renders self.snapshot
@@ -89,7 +97,7 @@ class FlasktopApp(App[None]):
                     self.notify(f"display error: {type(exc).__name__}: {exc}", severity="error", markup=False)
 
     def _refresh_header(self) -> None:
-        refresh = getattr(self.screen, "refresh_header", None)
+        refresh = getattr(self._top_screen(), "refresh_header", None)
         if refresh is not None:
             refresh()
 

@@ -374,6 +374,17 @@ async def test_a_screen_closed_as_soon_as_it_is_pushed_leaves_no_traceback(make)
     assert app.return_code == 0 and app.render_errors == []
 
 
+def test_a_snapshot_that_arrives_after_the_last_screen_left_is_ignored() -> None:
+    """The feed's thread posts snapshots until it is stopped: one can be handled after
+    the app's screen stack emptied on the way out (seen once under load in CI)."""
+    app = FlasktopApp(FixedFeed())
+    assert not app.screen_stack  # as at the end of a run
+    app.on_snapshot_ready(SnapshotReady(snapshot(0)))
+    app.paused = True
+    app.on_snapshot_ready(SnapshotReady(snapshot(1)))
+    assert app.render_errors == [] and app.pending == 1
+
+
 async def test_quit_stops_the_feed() -> None:
     feed = FixedFeed()
     app = FlasktopApp(feed)
