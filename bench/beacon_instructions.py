@@ -22,7 +22,7 @@ over ``n2 - n1`` is the count per request, free of start-up. Variants:
 It also prints, for each variant, how many method loads a request executes in Flask's code
 that CPython 3.11 left unspecialized (read with ``dis`` after a warm-up, no valgrind needed).
 
-    .venv/bin/python bench/beacon_instructions.py [--n1 1000] [--n2 3000] [--sim]
+    .venv/bin/python bench/beacon_instructions.py [--n1 1000] [--n2 3000] [--sim] [--templates]
 
 Needs valgrind (Debian's package). Takes about a minute per variant.
 """
@@ -63,7 +63,10 @@ def make(variant: str) -> Any:
 
     from beacon_overhead import ClockOnly, hello_app
 
+    variant, _, extra = variant.partition("+")
     app: Any = hello_app()
+    if extra == "templates":  # as an app that rendered a template: its 28th name, jinja_env
+        app.jinja_env
     lanes: List[Any] = []
     if variant == "clock":
         app.wsgi_app = ClockOnly(app.wsgi_app)
@@ -77,35 +80,58 @@ def make(variant: str) -> Any:
     return app, EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ(), lanes
 
 
-def unspecialized(variant: str) -> int:
-    """The child: method loads in Flask's code that one warm request executes unspecialized."""
+def is_generic_method_load(ins: Any) -> bool:
+    """Whether ``ins`` (from ``dis.get_instructions(code, adaptive=True)``) is a method load
+    left unspecialized: 3.11's LOAD_METHOD, or 3.12's and 3.13's LOAD_ATTR with the method bit."""
+    return ins.opname in ("LOAD_METHOD", "LOAD_METHOD_ADAPTIVE") or (
+        ins.opname == "LOAD_ATTR" and "NULL|self" in ins.argrepr)
+
+
+def generic_method_loads(app: Any, base: Dict[str, Any]) -> int:
+    """Method loads in Flask's code that one warm request of ``app`` executes unspecialized."""
     import dis
 
-    executed: List[Any] = []
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            executed.append((frame.f_code, frame.f_lasti))
-        return tracer
-
-    app, base, _lanes = make(variant)
     from beacon_overhead import run_block
 
+    executed: List[Any] = []
     run_block(app, base, 3 * BLOCK)
-    sys.settrace(tracer)
-    run_block(app, base, 1)
-    sys.settrace(None)
-    forms: Dict[Any, Dict[int, str]] = {}
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is not None:  # 3.12+: opcode tracing is built on sys.monitoring there
+        tool = monitoring.DEBUGGER_ID
+        monitoring.use_tool_id(tool, "beacon_instructions")
+        monitoring.register_callback(tool, monitoring.events.INSTRUCTION,
+                                     lambda code, offset: executed.append((code, offset)))
+        monitoring.set_events(tool, monitoring.events.INSTRUCTION)
+        run_block(app, base, 1)
+        monitoring.set_events(tool, 0)
+        monitoring.free_tool_id(tool)
+        run_block(app, base, 3 * BLOCK)  # specialize again what instrumenting reset
+    else:
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                executed.append((frame.f_code, frame.f_lasti))
+            return tracer
+
+        sys.settrace(tracer)
+        run_block(app, base, 1)
+        sys.settrace(None)
+    forms: Dict[Any, Dict[int, bool]] = {}
     n = 0
     for code, offset in executed:
         if "flask" + os.sep not in code.co_filename:
             continue
         if code not in forms:
-            forms[code] = {i.offset: i.opname
+            forms[code] = {i.offset: is_generic_method_load(i)
                            for i in dis.get_instructions(code, adaptive=True)}  # type: ignore[call-arg]
-        n += forms[code].get(offset) in ("LOAD_METHOD", "LOAD_METHOD_ADAPTIVE")
+        n += forms[code].get(offset, False)
     return n
+
+
+def unspecialized(variant: str) -> int:
+    """The child: method loads in Flask's code that one warm request executes unspecialized."""
+    app, base, _lanes = make(variant)
+    return generic_method_loads(app, base)
 
 
 def count(variant: str, n: int, sim: bool = False) -> Dict[str, int]:
@@ -133,6 +159,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--n2", type=int, default=3000)
     p.add_argument("--sim", action="store_true",
                    help="also simulate caches and branch prediction (about 3x slower)")
+    p.add_argument("--templates", action="store_true",
+                   help="each app has rendered a template first, as most apps have: Flask "
+                        "caches app.jinja_env on the app, its 28th attribute")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
     p.add_argument("--unspecialized", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -147,12 +176,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     n1, n2 = sorted((max(BLOCK, args.n1), max(2 * BLOCK, args.n2)))
     per: Dict[str, Dict[str, float]] = {}
     for variant in VARIANTS:
-        a, b = count(variant, n1, args.sim), count(variant, n2, args.sim)
+        child = variant + ("+templates" if args.templates else "")
+        a, b = count(child, n1, args.sim), count(child, n2, args.sim)
         per[variant] = {k: (b[k] - a[k]) / (n2 - n1) for k in a}
-    loads = {v: subprocess.run([sys.executable, __file__, "--unspecialized", v], check=True,
+    loads = {v: subprocess.run([sys.executable, __file__, "--unspecialized",
+                                v + ("+templates" if args.templates else "")], check=True,
                                capture_output=True, text=True).stdout.strip() for v in VARIANTS}
     print(f"\nPer Flask hello-world request (callgrind, {n2 - n1} requests; "
-          f"Python {sys.version.split()[0]})")
+          f"Python {sys.version.split()[0]}"
+          + ("; each app has rendered a template" if args.templates else "") + ")")
     cols = ["Ir"] + (["I1mr", "D1mr", "D1mw", "Bcm", "Bim"] if args.sim else [])
     print(f"{'variant':<8} " + " ".join(f"{c:>16}" for c in cols)
           + f" {'unspecialized':>14}")

@@ -171,14 +171,14 @@ def test_exception_type_on_500_and_when_it_propagates(rx: Receiver) -> None:
     assert len(escaped) == 1 and escaped[0].exc == "PaymentDeclined" and escaped[0].size == -1
 
 
-def test_the_app_gets_two_attributes_and_errors_are_watched_on_its_class(rx: Receiver) -> None:
-    """More attributes on the app would cost Flask its specialized method calls on CPython
-    3.11 (see _watch_errors): the error hook lives on the class that defines
-    should_ignore_error, wraps it once, and still calls what it wraps."""
-    plain = Flask("plain")
+def test_the_app_gets_one_attribute_and_errors_are_watched_on_its_class(rx: Receiver) -> None:
+    """More attributes on the app cost Flask (see _Contexts): request_context is hooked on
+    the app's class; the error hook lives on the class that defines should_ignore_error,
+    wraps it once, and still calls what it wraps."""
+    plain = type("Flask", (Flask,), {})("plain")
     before = set(vars(plain))
     Beacon(plain, address=rx.address)
-    assert set(vars(plain)) - before == {"request_context", "response_class"}
+    assert set(vars(plain)) - before == {"response_class"}
 
     class Strict(Flask):
         ignored: List[str] = []
@@ -206,6 +206,37 @@ def test_the_app_gets_two_attributes_and_errors_are_watched_on_its_class(rx: Rec
     [(_, req)] = rx.wait_requests("/raise/<int:n>", 1)
     assert (req.status, req.exc) == (500, "Boom")
     assert Strict.ignored == ["Boom"]  # the app's own should_ignore_error still ran
+
+
+def test_apps_of_one_class_each_report_to_their_own_beacon(rx: Receiver) -> None:
+    """request_context is hooked on the class: the class's last hooked app takes the fast
+    path, its other apps (with a beacon of their own, or none) go through the registry."""
+    from flask import request
+
+    with Receiver() as other_rx:
+        cls = type("Flask", (Flask,), {})
+        apps = {}
+        for name in ("first", "second", "bare"):
+            app = apps[name] = cls(name)
+            app.add_url_rule(f"/{name}/<int:n>", name, lambda n, name=name: f"{name} {n}")
+        Beacon(apps["first"], address=rx.address)
+        Beacon(apps["second"], address=other_rx.address)
+        sub = type("Sub", (cls,), {})("sub")  # a subclass hooked too: the base's hook is skipped
+        sub.add_url_rule("/sub/<int:n>", "sub", lambda n: f"sub {n}")
+        Beacon(sub, address=rx.address)
+        for name, app in list(apps.items()) + [("sub", sub)]:
+            for n in range(3):
+                assert call(app, f"/{name}/{n}")[2] == f"{name} {n}".encode()
+        assert len(rx.wait_requests("/first/<int:n>", 3)) == 3
+        assert len(rx.wait_requests("/sub/<int:n>", 3)) == 3
+        assert len(other_rx.wait_requests("/second/<int:n>", 3)) == 3
+        rx.wait(settled_once, message="a report after the requests")
+        other_rx.wait(settled_once, message="a report after the requests")
+        assert not rx.requests("/bare/<int:n>") and not other_rx.requests("/bare/<int:n>")
+        assert not rx.requests("/second/<int:n>") and not other_rx.requests("/first/<int:n>")
+        assert cls.request_context is not Flask.request_context
+        with apps["bare"].test_request_context("/bare/1"):  # the class's original still serves
+            assert request.path == "/bare/1"
 
 
 def test_streaming_duration_counts_until_close_and_size_is_bytes_sent(rx: Receiver) -> None:

@@ -5,8 +5,8 @@ A WSGI middleware costs a Flask app at least three Python calls per request (its
 and keeping a record object per request until another thread reads it costs more again
 (docs/benchmarks.md). So for a Flask app ``Beacon`` hooks into calls Flask makes anyway:
 
-- ``app.request_context`` (an instance attribute shadowing Flask's method) builds the
-  same ``RequestContext`` and appends the start time to its thread's *lane*;
+- ``request_context``, hooked on the app's class (see ``_Contexts``), builds the same
+  ``RequestContext`` and appends the start time to its thread's *lane*;
 - ``app.response_class`` gets a subclass whose ``__call__`` is werkzeug's three lines
   plus appending the request's group (status, rule, method) and size to the lane and
   its end stamp to werkzeug's ``ClosingIterator`` callbacks;
@@ -29,6 +29,7 @@ from __future__ import annotations
 import copyreg
 import sys
 import threading
+import weakref
 from contextvars import ContextVar
 from functools import partial, wraps
 from threading import get_ident, get_native_id
@@ -132,18 +133,22 @@ class FlaskHook:
                                             else partial(getattr, self.tls, "lane", None))
         _middleware._find_closing()
         self._closing = _middleware._CLOSING
-        own = type(app).request_context is sys.modules["flask.app"].Flask.request_context
+        contexts = _contexts_of(type(app))
+        own = contexts.orig is sys.modules["flask.app"].Flask.request_context
         self._make_ctx = sys.modules["flask.ctx"].RequestContext if own else None
-        self._orig_request_context = app.request_context
+        self._orig_request_context = contexts.orig
         _watch_errors(type(app))
-        # The app gets exactly two attributes: see _watch_errors for why not more.
+        # The app gets exactly one attribute: see _contexts_of for why not more.
         self.response_class = self._subclass(app.response_class)
         app.response_class = self.response_class
-        app.request_context = self._request_context_fn()
+        contexts.install(app, self._request_context_fn(contexts.other))
 
     # -- the request path ----------------------------------------------------------
 
-    def _request_context_fn(self) -> Callable[[Dict[str, Any]], Any]:
+    def _request_context_fn(self, others: Callable[[Any, Dict[str, Any]], Any]
+                            ) -> Callable[[Any, Dict[str, Any]], Any]:
+        """The app's ``request_context``, a method of its class: ``others`` serves the
+        class's other apps."""
         app = self.app
         make_ctx = self._make_ctx
         orig = self._orig_request_context
@@ -152,9 +157,11 @@ class FlaskHook:
         thread_lane = self._thread_lane
         check_thread = self.lane_var is not None  # a copied context may bring another's lane
 
-        def request_context(environ: Dict[str, Any]) -> Any:
+        def request_context(self: Any, environ: Dict[str, Any]) -> Any:
+            if self is not app:
+                return others(self, environ)
             t0 = perf_counter()
-            ctx = make_ctx(app, environ) if make_ctx is not None else orig(environ)
+            ctx = make_ctx(app, environ) if make_ctx is not None else orig(app, environ)
             try:
                 lane = lane_of()
                 if lane is None or check_thread and lane.ident != get_ident():
@@ -436,7 +443,58 @@ class FlaskHook:
 
 EXTENSION = "flasktop_beacon"  # the app.extensions key of the app's Beacon
 _WATCHED = "__flasktop_watches_errors__"
+_CONTEXTS = "__flasktop_request_contexts__"
 _watch_lock = threading.Lock()
+
+
+class _Contexts:
+    """The ``request_context`` of one Flask class, hooked for the apps that have a beacon.
+
+    The hook is a method of the class, not an attribute of the app, because of what
+    attributes of the app cost Flask. CPython keeps the attributes of a class's instances
+    in a table of names they share, with room for 29; a Flask 3.1 app has 27, 28 once it
+    rendered a template (``jinja_env``), more with ``ProxyFix`` (``wsgi_app``) or
+    Flask-Login (``login_manager``). Past 29 the app's dict leaves the table: on 3.13 that
+    costs each request about 5,000 machine instructions, half again what the beacon itself
+    adds (``bench/app_attributes.py``, docs/benchmarks.md). So the app gets one attribute,
+    ``response_class``, which Flask reads in too many places to be hooked elsewhere.
+
+    The class's ``request_context`` is the last hooked app's own function, which checks
+    ``self`` first; the class's other apps, with a beacon or not, go through :meth:`other`
+    (an app of its class is rare in a worker: a second app mounted in one process, or a
+    test suite's app factory), which finds theirs or calls the class's original."""
+
+    def __init__(self, cls: type, orig: Callable[[Any, Dict[str, Any]], Any]) -> None:
+        self.cls = cls
+        self.orig = orig
+        self.apps: "weakref.WeakKeyDictionary[Any, Callable[..., Any]]" = \
+            weakref.WeakKeyDictionary()
+
+    def other(self, app: Any, environ: Dict[str, Any]) -> Any:
+        fn = self.apps.get(app)
+        if fn is not None:
+            return fn(app, environ)
+        return self.orig(app, environ)
+
+    def install(self, app: Any, fn: Callable[[Any, Dict[str, Any]], Any]) -> None:
+        with _watch_lock:
+            self.apps[app] = fn
+            setattr(fn, _CONTEXTS, self)
+            self.cls.request_context = fn  # type: ignore[attr-defined]
+
+
+def _contexts_of(cls: type) -> _Contexts:
+    """``cls``'s hooked ``request_context`` (made on its first app): the original is the
+    method found on the class before, unwrapped if a base class's is hooked too."""
+    with _watch_lock:
+        contexts = vars(cls).get(_CONTEXTS)
+        if contexts is None:
+            orig = cls.request_context  # type: ignore[attr-defined]
+            while isinstance(getattr(orig, _CONTEXTS, None), _Contexts):
+                orig = getattr(orig, _CONTEXTS).orig  # a base class's hook: skip it
+            contexts = _Contexts(cls, orig)
+            setattr(cls, _CONTEXTS, contexts)
+        return contexts
 
 
 def _watch_errors(cls: type) -> None:
@@ -444,14 +502,7 @@ def _watch_errors(cls: type) -> None:
     defers to it). Flask calls it only for a request that raised, before it forgets the
     request; the hook finds the app's ``FlaskHook`` through ``app.extensions``.
 
-    On the class, not as a third attribute of the app, because of what attributes of the
-    app cost Flask. CPython 3.11 keeps the attributes of a class's instances in a table of
-    names the instances share, and ``app.full_dispatch_request()`` and the other dozen calls
-    Flask makes on the app each request stay specialized (a cached lookup) only while the
-    app's attributes are all in that table. It has room for about 29 names; a Flask 3.1
-    app has 27. A third name put the app's dict out of the table, and those calls went
-    back to the generic lookup: 19 unspecialized method loads a request instead of 6, and
-    a third of the beacon's simulated instruction-cache misses (docs/benchmarks.md)."""
+    On the class, not as an attribute of the app: see :class:`_Contexts`."""
     try:
         with _watch_lock:
             owner = next((k for k in cls.__mro__ if "should_ignore_error" in vars(k)), None)
