@@ -239,6 +239,23 @@ def test_apps_of_one_class_each_report_to_their_own_beacon(rx: Receiver) -> None
             assert request.path == "/bare/1"
 
 
+def test_an_app_of_a_hooked_class_is_freed_once_another_is_hooked(rx: Receiver) -> None:
+    """A test suite's app factory makes an app per test: the class's hook must not keep
+    them all alive."""
+    import gc
+    import weakref
+
+    cls = type("Flask", (Flask,), {})
+    first = cls("first")
+    Beacon(first, address=rx.address)
+    assert call(first, "/nothing")[0].startswith("404")
+    gone = weakref.ref(first)
+    Beacon(cls("second"), address=rx.address)
+    del first
+    gc.collect()
+    assert gone() is None
+
+
 def test_streaming_duration_counts_until_close_and_size_is_bytes_sent(rx: Receiver) -> None:
     app, _ = beacon_app(rx.address)
     environ = EnvironBuilder(path="/stream/2").get_environ()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copyreg
 import sys
 import threading
-import weakref
 from contextvars import ContextVar
 from functools import partial, wraps
 from threading import get_ident, get_native_id
@@ -141,7 +140,8 @@ class FlaskHook:
         # The app gets exactly one attribute: see _contexts_of for why not more.
         self.response_class = self._subclass(app.response_class)
         app.response_class = self.response_class
-        contexts.install(app, self._request_context_fn(contexts.other))
+        self.request_context_fn = self._request_context_fn(contexts.other)
+        contexts.install(self.request_context_fn)
 
     # -- the request path ----------------------------------------------------------
 
@@ -462,23 +462,24 @@ class _Contexts:
     The class's ``request_context`` is the last hooked app's own function, which checks
     ``self`` first; the class's other apps, with a beacon or not, go through :meth:`other`
     (an app of its class is rare in a worker: a second app mounted in one process, or a
-    test suite's app factory), which finds theirs or calls the class's original."""
+    test suite's app factory), which finds theirs through ``app.extensions`` or calls the
+    class's original. Nothing here holds an app but the class's current function: a test
+    suite's apps are freed as before."""
 
     def __init__(self, cls: type, orig: Callable[[Any, Dict[str, Any]], Any]) -> None:
         self.cls = cls
         self.orig = orig
-        self.apps: "weakref.WeakKeyDictionary[Any, Callable[..., Any]]" = \
-            weakref.WeakKeyDictionary()
 
     def other(self, app: Any, environ: Dict[str, Any]) -> Any:
-        fn = self.apps.get(app)
-        if fn is not None:
+        extensions = getattr(app, "extensions", None)
+        beacon = extensions.get(EXTENSION) if type(extensions) is dict else None
+        fn = getattr(getattr(beacon, "hook", None), "request_context_fn", None)
+        if fn is not None and getattr(fn, _CONTEXTS, None) is self:
             return fn(app, environ)
         return self.orig(app, environ)
 
-    def install(self, app: Any, fn: Callable[[Any, Dict[str, Any]], Any]) -> None:
+    def install(self, fn: Callable[[Any, Dict[str, Any]], Any]) -> None:
         with _watch_lock:
-            self.apps[app] = fn
             setattr(fn, _CONTEXTS, self)
             self.cls.request_context = fn  # type: ignore[attr-defined]
 
