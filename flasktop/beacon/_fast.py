@@ -471,9 +471,7 @@ class _Contexts:
         self.orig = orig
 
     def other(self, app: Any, environ: Dict[str, Any]) -> Any:
-        extensions = getattr(app, "extensions", None)
-        beacon = extensions.get(EXTENSION) if type(extensions) is dict else None
-        fn = getattr(getattr(beacon, "hook", None), "request_context_fn", None)
+        fn = getattr(_hook_of(app), "request_context_fn", None)
         if fn is not None and getattr(fn, _CONTEXTS, None) is self:
             return fn(app, environ)
         return self.orig(app, environ)
@@ -482,6 +480,13 @@ class _Contexts:
         with _watch_lock:
             setattr(fn, _CONTEXTS, self)
             self.cls.request_context = fn  # type: ignore[attr-defined]
+
+
+def _hook_of(app: Any) -> Optional["FlaskHook"]:
+    """The app's ``FlaskHook``, found through ``app.extensions``, or None."""
+    extensions = getattr(app, "extensions", None)
+    beacon = extensions.get(EXTENSION) if type(extensions) is dict else None
+    return getattr(beacon, "hook", None)
 
 
 def _contexts_of(cls: type) -> _Contexts:
@@ -517,7 +522,7 @@ def _watch_errors(cls: type) -> None:
             def should_ignore_error(self: Any, error: Optional[BaseException]) -> Any:
                 if error is not None:
                     try:
-                        hook = getattr(self.extensions.get(EXTENSION), "hook", None)
+                        hook = _hook_of(self)
                         if hook is not None:
                             hook._raised(error)
                     except Exception:  # noqa: BLE001 - never into Flask's error handling
