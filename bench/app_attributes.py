@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from beacon_instructions import generic_method_loads  # noqa: E402
-from beacon_overhead import hello_app, run_block  # noqa: E402
+from beacon_instructions import callgrind, generic_method_loads  # noqa: E402
+from beacon_overhead import hello_app, hello_environ, run_block  # noqa: E402
 
 EXTRA = (0, 2, 3)  # attributes added to a 27-name app
 
@@ -48,30 +45,10 @@ def make(extra: int) -> Any:
     return app
 
 
-def environ() -> Dict[str, Any]:
-    from werkzeug.test import EnvironBuilder
-
-    return EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
-
-
 def instructions(extra: int, n1: int = 1000, n2: int = 3000) -> float:
     """Instructions per request of the ``extra``-attribute app, from two callgrind runs."""
-    totals = []
-    for n in (n1, n2):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run(
-                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
-                 sys.executable, __file__, "--child", str(extra), str(n)],
-                env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True,
-                timeout=1800)
-            if out.returncode != 0:
-                raise SystemExit(f"callgrind failed: {out.stderr.strip()[-400:]}")
-            text = Path(tmp, "cg.out").read_text()
-        found = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-        if found is None:
-            raise SystemExit("callgrind wrote no totals")
-        totals.append(int(found.group(1)))
-    return (totals[1] - totals[0]) / (n2 - n1)
+    a, b = (callgrind([__file__, "--child", str(extra), str(n)])["Ir"] for n in (n1, n2))
+    return (b - a) / (n2 - n1)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -81,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--callgrind", action="store_true", help="also count instructions (valgrind)")
     p.add_argument("--child", nargs=2, type=int, metavar=("EXTRA", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    base = environ()
+    base = hello_environ()
     if args.child:
         app = make(args.child[0])
         for _ in range(1 + args.child[1] // 500):  # the first block is the warm-up

@@ -20,7 +20,7 @@ over ``n2 - n1`` is the count per request, free of start-up. Variants:
   ``beacon_flusher.py``; under callgrind every request looks slow, which would change it).
 
 It also prints, for each variant, how many method loads a request executes in Flask's code
-that CPython 3.11 left unspecialized (read with ``dis`` after a warm-up, no valgrind needed).
+that CPython left unspecialized (read with ``dis`` after a warm-up, no valgrind needed).
 
     .venv/bin/python bench/beacon_instructions.py [--n1 1000] [--n2 3000] [--sim] [--templates]
 
@@ -59,9 +59,7 @@ def make(variant: str) -> Any:
     """(app, environ, lanes) of ``variant``."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
-    from werkzeug.test import EnvironBuilder
-
-    from beacon_overhead import ClockOnly, hello_app
+    from beacon_overhead import ClockOnly, hello_app, hello_environ
 
     variant, _, extra = variant.partition("+")
     app: Any = hello_app()
@@ -77,7 +75,7 @@ def make(variant: str) -> Any:
         assert beacon.hook is not None, "the fast path was not taken"
         beacon.reporter.start = lambda: None  # type: ignore[method-assign]  # no flusher thread
         lanes = beacon.reporter.lanes
-    return app, EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ(), lanes
+    return app, hello_environ(), lanes
 
 
 def is_generic_method_load(ins: Any) -> bool:
@@ -134,23 +132,28 @@ def unspecialized(variant: str) -> int:
     return generic_method_loads(app, base)
 
 
-def count(variant: str, n: int, sim: bool = False) -> Dict[str, int]:
-    """Callgrind's totals (Ir, and with ``sim`` the cache and branch events) for a child
-    serving ``n`` requests."""
+def callgrind(child: List[str], sim: bool = False) -> Dict[str, int]:
+    """Callgrind's totals (Ir, and with ``sim`` the cache and branch events) for
+    ``python *child``."""
     extra = ["--cache-sim=yes", "--branch-sim=yes"] if sim else []
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             ["valgrind", "--tool=callgrind", *extra, f"--callgrind-out-file={tmp}/cg.out",
-             sys.executable, __file__, "--child", variant, str(n)],
+             sys.executable, *child],
             env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True, timeout=1800)
         if out.returncode != 0:
-            raise SystemExit(f"callgrind failed for {variant}: {out.stderr.strip()[-400:]}")
+            raise SystemExit(f"callgrind failed for {' '.join(child)}: {out.stderr.strip()[-400:]}")
         text = Path(tmp, "cg.out").read_text()
     events = re.search(r"^events: (.+)$", text, re.M)
     totals = re.search(r"^(?:summary|totals): (.+)$", text, re.M)
     if events is None or totals is None:
-        raise SystemExit(f"callgrind wrote no totals for {variant}")
+        raise SystemExit(f"callgrind wrote no totals for {' '.join(child)}")
     return dict(zip(events.group(1).split(), map(int, totals.group(1).split())))
+
+
+def count(variant: str, n: int, sim: bool = False) -> Dict[str, int]:
+    """Callgrind's totals for a child serving ``n`` requests of ``variant``."""
+    return callgrind([__file__, "--child", variant, str(n)], sim)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

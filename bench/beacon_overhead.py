@@ -219,6 +219,11 @@ def thread_cpu(thread: Any) -> float:
         return 0.0
 
 
+def hello_environ() -> Dict[str, Any]:
+    """The environ of a GET / that every variant serves (copied per request)."""
+    return EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
+
+
 def run_block(app: Any, base: Dict[str, Any], n: int, lat: Optional[List[float]] = None) -> float:
     """Serve ``n`` requests on this thread: its CPU seconds; each request's wall time to ``lat``."""
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
@@ -254,7 +259,7 @@ def in_process(rounds: int, n: int, block: int, receiver: str = "flasktop") -> D
     block = n if block <= 0 or block >= n else block
     with Drain(receiver) as drain:
         variants = make_variants(drain.port)
-        base = EnvironBuilder(path="/", base_url="http://127.0.0.1:8000").get_environ()
+        base = hello_environ()
         names = list(variants)
         for name in names:  # warm up, and let the quiet beacon learn nobody listens
             app, end, _thread = variants[name]
