@@ -133,9 +133,11 @@ class FlaskHook:
         _middleware._find_closing()
         self._closing = _middleware._CLOSING
         contexts = _contexts_of(type(app))
+        # What makes the app's RequestContext: Flask's own request_context() is
+        # RequestContext(app, environ), called here without the method's frame; a class
+        # that overrides it keeps its own.
         own = contexts.orig is sys.modules["flask.app"].Flask.request_context
-        self._make_ctx = sys.modules["flask.ctx"].RequestContext if own else None
-        self._orig_request_context = contexts.orig
+        self._make_ctx = sys.modules["flask.ctx"].RequestContext if own else contexts.orig
         _watch_errors(type(app))
         # The app gets exactly one attribute: see _contexts_of for why not more.
         self.response_class = self._subclass(app.response_class)
@@ -151,7 +153,6 @@ class FlaskHook:
         class's other apps."""
         app = self.app
         make_ctx = self._make_ctx
-        orig = self._orig_request_context
         busy = self._busy
         lane_of = self._lane_of
         thread_lane = self._thread_lane
@@ -161,7 +162,7 @@ class FlaskHook:
             if self is not app:
                 return others(self, environ)
             t0 = perf_counter()
-            ctx = make_ctx(app, environ) if make_ctx is not None else orig(app, environ)
+            ctx = make_ctx(app, environ)
             try:
                 lane = lane_of()
                 if lane is None or check_thread and lane.ident != get_ident():
@@ -207,7 +208,7 @@ class FlaskHook:
                 try:
                     lane = lane_of()
                     if lane.environ is environ and type(app_iter) is closing:
-                        name, value = headers[-1]
+                        name, value = headers[len(headers) - 1]  # [-1] is not specialized
                         if name == "Content-Length":
                             gk = groups.get((self._status_code,
                                              environ["werkzeug.request"].url_rule.rule,
@@ -235,16 +236,21 @@ class FlaskHook:
                     self._ft_lane = None
                     try:
                         t0 = lane.t0
-                        lane.buf += pack(t0, lane.gk, lane.size, perf_counter() - t0)
+                        lane.buf.extend(pack(t0, lane.gk, lane.size, perf_counter() - t0))
                         lane.environ = None
                         lane.gk = 0.0
                     except Exception:  # noqa: BLE001 - never into the server's close()
                         pass
                 if own_close:
-                    if hasattr(self.response, "close"):
-                        self.response.close()
-                    for func in self._on_close:
-                        func()
+                    # werkzeug's close(), with a list (what set_data() makes) and no
+                    # callbacks (the common case) each found without a call
+                    response = self.response
+                    if type(response) is not list and hasattr(response, "close"):
+                        response.close()
+                    on_close = self._on_close
+                    if on_close:
+                        for func in on_close:
+                            func()
                 else:
                     base.close(self)
 
