@@ -15,7 +15,8 @@ per flush instead of one event per request; slow, failed and sampled requests
 still travel as ``r``, and each request is reported exactly once, in one kind or
 the other), ``d`` the same rows with the durations themselves instead of their
 histogram (32 bits each, base64: a busy flush leaves the bucketing to flasktop,
-and :func:`decode` makes them ``a`` rows), ``f`` the set of requests in flight (sent
+and :func:`decode` makes them ``a`` rows), ``h`` likewise with 16 bits each and a top
+byte they share (what a busy flush sends now: half the datagrams), ``f`` the set of requests in flight (sent
 periodically, so a flasktop that attaches late still learns of a request that
 began before it).
 Strings travel once per datagram in the table ``s`` and events refer to them by
@@ -36,7 +37,7 @@ from array import array
 from collections import Counter
 from itertools import repeat
 from operator import mul
-from typing import NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 VERSION = 1
 MAX_DATAGRAM = 1400
@@ -50,6 +51,8 @@ KIND_REQUESTS = "r"
 KIND_INFLIGHT = "f"
 KIND_AGGREGATES = "a"
 KIND_DURATIONS = "d"
+KIND_HIGH_BYTES = "h"
+_ALL_TOPS = b"\xff"  # kind "h": a top byte per duration follows (0xFF is no duration's: NaN)
 
 # The latency buckets of kind "a", shared by the beacon and the model: DDSketch buckets of
 # relative accuracy 1 %, the same as flasktop/model/sketch.py's Sketch(0.01, min_value=1e-6),
@@ -364,18 +367,41 @@ class Encoder:
         docs/benchmarks.md); taking each double's high half and base64 cost a tenth of
         that, and the extra datagrams less again, so a busy flush ships durations and
         flasktop, which has the time, does the counting."""
+        def words(raw: bytes, room: int) -> list:
+            per = room // 12 * 12  # whole words, no base64 padding
+            return [raw[i:i + per] for i in range(0, len(raw) - len(raw) % 4, per)]
+        return self._durations(KIND_DURATIONS, t_ms, rows, words)
+
+    def high_bytes(self, t_ms: int, rows: list) -> list:
+        """Encode requests as the high bytes of their durations (kind "h"): as
+        :meth:`durations`, but each row's last item is :func:`high_bytes` of them: two or
+        three bytes a duration instead of four, so fewer datagrams (each costs the app a
+        system call, and with a busy request thread a handover of the GIL)."""
+        def planes(high: tuple, room: int) -> list:
+            top, b6, b5 = high
+            if len(top) == 1:  # one top byte for all: it, then two planes
+                per = (room - 1) // 2
+                return [top + b6[i:i + per] + b5[i:i + per] for i in range(0, len(b6), per)]
+            per = (room - 1) // 3  # a top byte each: 0xFF (no duration's), then three planes
+            return [_ALL_TOPS + top[i:i + per] + b6[i:i + per] + b5[i:i + per]
+                    for i in range(0, len(b6), per)]
+        return self._durations(KIND_HIGH_BYTES, t_ms, rows, planes)
+
+    def _durations(self, kind: str, t_ms: int, rows: list,
+                   payloads: Callable[[Any, int], list]) -> list:
+        """One event a datagram for each of ``payloads(durations, room)``: the raw bytes
+        each datagram carries of a row's durations, ``room`` at most."""
         out: list = []
-        for route, ep, method, status, exc, tid, span, raw in rows:
+        for route, ep, method, status, exc, tid, span, durations in rows:
             strings = [route, ep, method, exc] if exc else [route, ep, method]
             table = json.dumps(strings, ensure_ascii=False, separators=(",", ":"))
             event = '[0,1,2,%d,%d,%d,%d,"' % (status, 3 if exc else -1, tid, span)
             fixed = (len(table.encode("utf-8", "replace")) + len(event) + 110)  # header, tail
-            per = (MAX_DATAGRAM - fixed) // 16 * 12  # raw bytes: whole floats, no b64 padding
-            for i in range(0, len(raw) - len(raw) % 4, per):
+            for raw in payloads(durations, (MAX_DATAGRAM - fixed) // 4 * 3):
                 self.seq += 1
-                b64 = binascii.b2a_base64(raw[i:i + per], newline=False).decode("ascii")
+                b64 = binascii.b2a_base64(raw, newline=False).decode("ascii")
                 out.append(('{"v":%d,"k":"%s","pid":%d,"seq":%d,"t":%d,"s":%s,"e":[%s%s"]]}' % (
-                    VERSION, KIND_DURATIONS, self.pid, self.seq, t_ms, table, event, b64)
+                    VERSION, kind, self.pid, self.seq, t_ms, table, event, b64)
                 ).encode("utf-8", "replace"))
         return out
 
@@ -388,6 +414,22 @@ def duration_words(durations: "array[float]") -> bytes:
         durations = array("d", durations)
         durations.byteswap()
     return memoryview(durations).cast("B").cast("I")[1::2].tobytes()
+
+
+def high_bytes(durations: "array[float]") -> tuple:
+    """Kind "h"'s durations: ``(top, b6, b5)``, three ``bytes`` of the durations' little-endian
+    IEEE 754 binary64s: byte 7 of each (sign and the high 7 bits of the exponent), or just
+    one byte when they all share it (all do from 30.5 us to 2 s: 0x3F); byte 6 of each
+    (the low 4 bits of the exponent, the top 4 of the fraction); and byte 5 (the next 8).
+    Strided copies in C: no Python object per duration."""
+    if sys.byteorder == "big":
+        durations = array("d", durations)
+        durations.byteswap()
+    raw = memoryview(durations).cast("B")
+    top = raw[7::8].tobytes()
+    if top and top.count(top[:1]) == len(top):
+        top = top[:1]
+    return top, raw[6::8].tobytes(), raw[5::8].tobytes()
 
 
 # ---------------------------------------------------------------------------
@@ -433,13 +475,42 @@ def _bucket_pairs(buckets: object) -> Optional[tuple]:
 def _duration_buckets(raw: object) -> Optional[tuple]:
     """Kind "d"'s durations (base64 of :func:`duration_words`) as sorted (bucket key,
     requests) pairs, or None unless every one is a finite duration of at most a week."""
-    if type(raw) is not str or not raw or not _B64.match(raw):
-        return None
-    data = binascii.a2b_base64(raw)
-    if len(data) % 4:
+    data = _base64(raw)
+    if data is None or len(data) % 4:
         return None
     full = bytearray(2 * len(data))  # little-endian binary64s, their low halves zero
     memoryview(full).cast("I")[1::2] = memoryview(data).cast("I")
+    return _counted(full)
+
+
+def _high_byte_buckets(raw: object) -> Optional[tuple]:
+    """Kind "h"'s durations (base64 of one top byte for all, or 0xFF and one each, then
+    the durations' bytes 6, then their bytes 5: see :func:`high_bytes`) as sorted (bucket
+    key, requests) pairs, or None unless every one is a finite duration of at most a week."""
+    data = _base64(raw)
+    if data is None:
+        return None
+    planes = 3 if data[:1] == _ALL_TOPS else 2
+    n, odd = divmod(len(data) - 1, planes)
+    if n < 1 or odd:
+        return None
+    full = bytearray(8 * n)  # little-endian binary64s, their bytes 0 to 4 zero
+    full[7::8] = data[1:n + 1] if planes == 3 else data[:1] * n
+    full[6::8] = data[len(data) - 2 * n:len(data) - n]
+    full[5::8] = data[len(data) - n:]
+    return _counted(full)
+
+
+def _base64(raw: object) -> Optional[bytes]:
+    """The bytes of ``raw``, a non-empty string of standard base64, else None."""
+    if type(raw) is not str or not raw or not _B64.match(raw):
+        return None
+    return binascii.a2b_base64(raw)
+
+
+def _counted(full: bytearray) -> Optional[tuple]:
+    """Little-endian binary64 durations as sorted (bucket key, requests) pairs, or None
+    unless every one is finite and from 0 to a week."""
     durs = array("d")
     durs.frombytes(full)
     if sys.byteorder == "big":
@@ -454,7 +525,8 @@ def _duration_buckets(raw: object) -> Optional[tuple]:
 
 
 # The last item of an aggregate row, by kind: what reads it into (bucket key, requests) pairs
-_BUCKET_READERS = {KIND_AGGREGATES: _bucket_pairs, KIND_DURATIONS: _duration_buckets}
+_BUCKET_READERS = {KIND_AGGREGATES: _bucket_pairs, KIND_DURATIONS: _duration_buckets,
+                   KIND_HIGH_BYTES: _high_byte_buckets}
 
 
 def decode(data: bytes) -> Decoded:

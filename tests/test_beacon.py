@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import struct
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -990,6 +992,78 @@ def test_one_slow_request_among_fast_ones_of_its_route_goes_one_by_one(rx: Recei
     assert [r for _, r in rx.requests("/nap/<int:ms>") if r.duration_s >= 0.008]
     for _, a in rx.aggregates():
         assert all(protocol.bucket_value(k) < _reporter.SLOW_S * 1.02 for k, _ in a.buckets)
+
+
+def _kept(d: float) -> float:
+    """What kind "h" keeps of a duration: the top three bytes of its binary64."""
+    return struct.unpack("<d", b"\0" * 5 + struct.pack("<d", d)[5:])[0]
+
+
+def _flush_written(rx: Receiver, durations: List[float]) -> Tuple[Beacon, List[Tuple[int, Any]]]:
+    """A real request makes the group of /orders/<int:oid> and this thread's lane; then one
+    flush sends ``durations`` written to that lane as its request path writes ended
+    requests (start, group, size, duration). Returns the beacon and the (budget, rest)
+    split the receiver saw: the first BUDGET one by one, the rest as it decided."""
+    app, beacon = beacon_app(rx.address)
+    call(app, "/orders/1")
+    rx.wait(lambda r: r.count() >= 1, message="the first request")
+    rep = beacon.reporter
+    gk = rep.groups[(200, "/orders/<int:oid>", "GET")]
+    [lane] = [lane for lane in rep.lanes if lane.ident == threading.get_ident()]
+    start = time.perf_counter() - 1.0
+    with rep.lock:
+        for i, d in enumerate(durations):
+            lane.buf.extend(_reporter.QUAD.pack(start + i * 1e-4, gk, 13.0, d))
+    assert rep.flush(timeout=5)
+    total = 1 + len(durations)
+    rx.wait(lambda r: r.count() >= total, message=f"{total} requests")
+    rx.wait(settled_once, message="all in")
+    assert rx.count() == total
+    return beacon, [(d.seq, d) for d in rx.datagrams() if d.aggregates]
+
+
+@pytest.mark.parametrize("durations, most", [
+    ([31e-6 + i * 3.1e-6 for i in range(1500)], 4),  # 31 us to 4.7 ms: one top byte, 2 B each
+    ([20e-6, 40e-6] * 750, 5),  # either side of 30.5 us: a top byte each, 3 B each
+], ids=["one-top-byte", "two-top-bytes"])
+def test_a_busy_one_route_flush_sends_its_durations_high_bytes_for_flasktop_to_bucket(
+        rx: Receiver, durations: List[float], most: int) -> None:
+    """One group, every duration under SLOW_S: past the budget, kind "h" (two or three
+    bytes a duration, a few hundred a datagram; kind "d" took 7 for these); decoded, each
+    is in the bucket of what its high bytes keep of it."""
+    assert max(durations) < _reporter.SLOW_S
+    beacon, rows = _flush_written(rx, durations)
+    budget = _reporter.BUDGET
+    assert {d.kind for _, d in rows} == {protocol.KIND_HIGH_BYTES}
+    assert len(rows) <= most
+    got: Counter = Counter()
+    for _, d in rows:
+        for a in d.aggregates:
+            assert (a.route, a.method, a.status, a.tid) == (
+                "/orders/<int:oid>", "GET", 200, threading.get_native_id())
+            got.update(dict(a.buckets))
+    assert got == Counter(protocol.bucket_of(_kept(d)) for d in durations[budget:])
+    assert beacon.stats()["aggregated"] == len(durations) - budget
+
+
+@pytest.mark.parametrize("top", [0x3F, 0x3E], ids=["one-top-byte", "two-top-bytes"])
+def test_a_duration_of_slow_s_goes_one_by_one_and_the_rest_are_counted_exactly(
+        rx: Receiver, top: int) -> None:
+    """At exactly SLOW_S a request is slow: it goes one by one, found by its high bytes
+    whether or not the others share its top byte, and the rest are counted exactly, as
+    kind "a". Every request once."""
+    fast = 40e-6 if top == 0x3F else 20e-6
+    assert struct.pack("<d", fast)[7] == top
+    durations = [fast] * 300 + [_reporter.SLOW_S] + [1e-3] * 99
+    beacon, rows = _flush_written(rx, durations)
+    assert {d.kind for _, d in rows} == {protocol.KIND_AGGREGATES}
+    assert len([r for _, r in rx.requests("/orders/<int:oid>") if r.duration_s >= 0.0048]) == 1
+    got: Counter = Counter()
+    for _, d in rows:
+        for a in d.aggregates:
+            got.update(dict(a.buckets))
+    rest = [d for d in durations[_reporter.BUDGET:] if d < _reporter.SLOW_S]
+    assert got == Counter(protocol.bucket_of(d) for d in rest)
 
 
 def test_a_test_request_context_is_no_request_and_loses_none(rx: Receiver) -> None:

@@ -19,7 +19,8 @@ from flasktop.model.sketch import Sketch
 from flasktop.protocol import (
     _MAX_AGE_MS, _MAX_AGG_COUNT, _MAX_COUNTER, _MAX_DUR_US, _MAX_EVENTS, _MAX_PID, _MAX_SEQ,
     _MAX_SIZE, _MAX_STRINGS, _MAX_T_MS, _MAX_TID, _MIN_T_MS, AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S,
-    AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS, KIND_INFLIGHT, KIND_REQUESTS, LABEL_BUDGET, MAX_DATAGRAM, MAX_LABEL,
+    AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS, KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS,
+    LABEL_BUDGET, MAX_DATAGRAM, MAX_LABEL,
     TRUNCATION_MARK, VERSION, Aggregate, Datagram, Encoder, InFlight, Reject, Request, bucket_of,
     bucket_value, clip, decode,
 )
@@ -47,7 +48,7 @@ def _label_ok(s: object) -> None:
 
 def check_invariants(d: Datagram) -> None:
     """What every Datagram decode() returns must satisfy."""
-    assert d.kind in (KIND_REQUESTS, KIND_INFLIGHT, KIND_AGGREGATES, KIND_DURATIONS)
+    assert d.kind in (KIND_REQUESTS, KIND_INFLIGHT, KIND_AGGREGATES, KIND_DURATIONS, KIND_HIGH_BYTES)
     assert type(d.pid) is int and 1 <= d.pid <= _MAX_PID
     assert type(d.seq) is int and 0 <= d.seq <= _MAX_SEQ
     assert math.isfinite(d.t) and _MIN_T_MS / 1000 <= d.t <= _MAX_T_MS / 1000
@@ -60,7 +61,7 @@ def check_invariants(d: Datagram) -> None:
     else:
         assert d.requests == () and d.inflight == ()
         assert (d.inflight_total, d.dropped, d.send_errors) == (0, 0, 0)
-    if d.kind not in (KIND_AGGREGATES, KIND_DURATIONS):
+    if d.kind not in (KIND_AGGREGATES, KIND_DURATIONS, KIND_HIGH_BYTES):
         assert d.aggregates == ()
     for r in d.requests:
         assert type(r) is Request
@@ -132,11 +133,15 @@ def _valid_objects() -> List[dict]:
             ["/export", "export", "POST", 503, "Timeout", 4251, 0, [[-AGG_MAX_KEY + 1, 1]]]]
     durs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150, _words([0.0123, 0.0, 2e-3])],
             ["/export", "export", "POST", 503, "Timeout", 4251, 0, _words([1e-7])]]
+    highs = [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150, _high([0.0123, 41e-6, 2e-3])],
+             ["/export", "export", "POST", 503, "Timeout", 4251, 0, _high([1e-7])]]
     return [json.loads(enc.requests(T_MS, rows)[0]),
             json.loads(enc.inflight(T_MS, flights, total=3, dropped=1, send_errors=2)[0]),
             json.loads(enc.aggregates(T_MS, aggs)[0]),
             json.loads(enc.durations(T_MS, durs[:1])[0]),
-            json.loads(enc.durations(T_MS, durs[1:])[0])]
+            json.loads(enc.durations(T_MS, durs[1:])[0]),
+            json.loads(enc.high_bytes(T_MS, highs[:1])[0]),
+            json.loads(enc.high_bytes(T_MS, highs[1:])[0])]
 
 
 def _words(durations: List[float]) -> bytes:
@@ -148,6 +153,22 @@ def _words(durations: List[float]) -> bytes:
 def _kept(d: float) -> float:
     """What kind "d" keeps of a duration: its binary64 with the low 32 bits zero."""
     return struct.unpack("<d", b"\0\0\0\0" + struct.pack("<d", d)[4:])[0]
+
+
+def _high(durations: List[float]) -> tuple:
+    """Durations as kind "h" carries them: (their bytes 7, or the one they all share; their
+    bytes 6; their bytes 5) of little-endian binary64s (written here without
+    protocol.high_bytes, which a test compares with this)."""
+    packed = [struct.pack("<d", d) for d in durations]
+    tops = bytes(p[7] for p in packed)
+    if len(set(tops)) == 1:
+        tops = tops[:1]
+    return tops, bytes(p[6] for p in packed), bytes(p[5] for p in packed)
+
+
+def _kept_high(d: float) -> float:
+    """What kind "h" keeps of a duration: its binary64's top three bytes, the rest zero."""
+    return struct.unpack("<d", b"\0" * 5 + struct.pack("<d", d)[5:])[0]
 
 
 VALID = _valid_objects()
@@ -247,10 +268,10 @@ def test_numbers_out_of_range_are_rejected(obj: dict, data: st.DataObject) -> No
            (0, _MAX_AGE_MS)]
     flight = [None, None, None, (1, _MAX_TID), (0, _MAX_DUR_US)]
     agg = [None, None, None, (0, 999), None, (1, _MAX_TID), (0, _MAX_AGE_MS), ()]
-    exc_slot = {KIND_REQUESTS: 6, KIND_AGGREGATES: 4, KIND_DURATIONS: 4}.get(obj["k"])
+    exc_slot = {KIND_REQUESTS: 6, KIND_AGGREGATES: 4, KIND_DURATIONS: 4, KIND_HIGH_BYTES: 4}.get(obj["k"])
     spots = [((k,), b) for k, b in bounds.items() if k in obj]
     per_event = {KIND_REQUESTS: req, KIND_INFLIGHT: flight, KIND_AGGREGATES: agg,
-                 KIND_DURATIONS: agg}[obj["k"]]
+                 KIND_DURATIONS: agg, KIND_HIGH_BYTES: agg}[obj["k"]]
     spots += [(("e", i, j), b) for i in range(len(obj["e"])) for j, b in enumerate(per_event) if b]
     spots += [(("e", i, j), (-1 if j == exc_slot else 0, len(obj["s"]) - 1))
               for i in range(len(obj["e"])) for j, b in enumerate(per_event) if b is None]
@@ -437,7 +458,7 @@ aggregate_rows = st.lists(st.tuples(
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("rfad"), request_rows, flight_rows, aggregate_rows),
+@given(st.lists(st.tuples(st.sampled_from("rfadh"), request_rows, flight_rows, aggregate_rows),
                 min_size=1, max_size=6))
 def test_sequence_numbers_have_no_holes(calls: list) -> None:
     """Whatever mix of reports the beacon sends, seq counts every datagram once, from 1."""
@@ -451,6 +472,9 @@ def test_sequence_numbers_have_no_holes(calls: list) -> None:
         elif kind == KIND_DURATIONS:
             out = enc.durations(T_MS, [_clipped(r, (0, 1, 2, 4))[:7] + [_words([1e-3] * len(r[7]))]
                                        for r in aggs])
+        elif kind == KIND_HIGH_BYTES:
+            out = enc.high_bytes(T_MS, [_clipped(r, (0, 1, 2, 4))[:7] + [_high([1e-3] * len(r[7]))]
+                                        for r in aggs])
         else:
             rows = [_clipped(r, (0, 1, 2)) for r in flights]
             out = enc.inflight(T_MS, rows, total=len(rows), dropped=0, send_errors=0)
@@ -661,23 +685,31 @@ duration_rows = st.lists(st.tuples(
 @FUZZ
 @given(pids, t_ms, duration_rows)
 def test_durations_round_trip_as_the_buckets_of_every_duration(pid: int, t: int, rows: list) -> None:
-    """Every duration comes back counted in its bucket_of() bucket, under its row's fields;
-    a row too long for one datagram is split, one event a datagram, none over the limit."""
-    rows = [_clipped(r, (0, 1, 2, 4)) for r in rows]
+    """Every duration comes back counted in the bucket of its high half, under its row's
+    fields; a row too long for one datagram is split, one event a datagram, none over the
+    limit."""
     enc = Encoder(pid)
-    datagrams = enc.durations(t, [r[:7] + [_words(r[7])] for r in rows])
+    _round_trips(KIND_DURATIONS, lambda rows: enc.durations(t, [r[:7] + [_words(r[7])] for r in rows]),
+                 _kept, enc, t, rows)
+
+
+def _round_trips(kind: str, encode: Any, kept: Any, enc: Encoder, t: int, rows: list) -> None:
+    """``encode(rows)`` (``enc``'s) decodes to an event a datagram of ``kind`` with the rows'
+    fields, in order, each row's durations counted in the buckets of what ``kept`` keeps."""
+    rows = [_clipped(r, (0, 1, 2, 4)) for r in rows]
+    datagrams = encode(rows)
     assert enc.seq == len(datagrams)
     got: List[Aggregate] = []
     for i, data in enumerate(datagrams):
         assert len(data) <= MAX_DATAGRAM
         d = decode_checked(data)
         assert isinstance(d, Datagram), d
-        assert (d.kind, d.pid, d.seq, d.t) == (KIND_DURATIONS, pid, i + 1, t / 1000)
-        assert len(d.aggregates) == 1
-        got.extend(d.aggregates)
+        assert (d.kind, d.pid, d.seq, d.t) == (kind, enc.pid, i + 1, t / 1000)
+        [a] = d.aggregates
+        got.append(a)
     it = iter(got)
     for route, ep, method, status, exc, tid, span, durs in rows:
-        want = Counter(bucket_of(_kept(d)) for d in durs)
+        want = Counter(bucket_of(kept(d)) for d in durs)
         have: Counter = Counter()
         while sum(have.values()) < len(durs):
             a = next(it)
@@ -759,3 +791,101 @@ def test_durations_decode_rejects_bad_fields(row: bytes, reason: str) -> None:
 def test_duration_words_are_the_high_halves_of_little_endian_doubles(durs: List[float]) -> None:
     from flasktop.protocol import duration_words
     assert duration_words(array("d", durs)) == _words(durs)
+
+
+# ---------------------------------------------------------------------------------------
+# Kind "h": durations' high bytes, bucketed by the decoder
+
+# Durations that share a top byte (the binades [2^-31, 2^-15), [2^-15, 2), where a busy
+# flush's are (30.5 us to 2 s), and [2, 512)), or any from 0 to a week
+binade = st.sampled_from([(2.0 ** -31, 2.0 ** -15), (2.0 ** -15, 2.0), (2.0, 512.0)])
+one_top = binade.flatmap(lambda b: st.one_of(
+    st.lists(st.floats(b[0], b[1], exclude_max=True), min_size=1, max_size=50),
+    st.lists(st.floats(b[0], b[1], exclude_max=True), min_size=400, max_size=3000)))
+any_tops = st.one_of(st.lists(week_floats, min_size=1, max_size=50),
+                     st.lists(week_floats, min_size=300, max_size=2000))
+high_rows = st.lists(st.tuples(
+    labels, labels, labels, st.integers(0, 999), st.one_of(st.just(""), labels),
+    st.integers(1, _MAX_TID), st.integers(0, _MAX_AGE_MS), st.one_of(one_top, any_tops)),
+    max_size=6)
+
+
+@FUZZ
+@given(pids, t_ms, high_rows)
+def test_high_bytes_round_trip_as_the_buckets_of_every_duration(pid: int, t: int, rows: list) -> None:
+    """Every duration comes back counted in the bucket of its top three bytes, under its
+    row's fields; a long row is split, one event a datagram, none over the limit."""
+    enc = Encoder(pid)
+    _round_trips(KIND_HIGH_BYTES, lambda rows: enc.high_bytes(t, [r[:7] + [_high(r[7])] for r in rows]),
+                 _kept_high, enc, t, rows)
+
+
+def test_high_bytes_example_and_what_they_cost() -> None:
+    """A busy flush's row: the top byte they share once, then two bytes a duration; or
+    0xFF, then three bytes a duration. Half or three quarters of kind "d"'s datagrams,
+    each duration within 2^-12 of itself (far inside the 1 % of its bucket)."""
+    enc = Encoder(7)
+    enc.seq = 10
+    durs = [41.2e-6, 41.2e-6, 1e-3]
+    [data] = enc.high_bytes(T_MS, [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150,
+                                    _high(durs)]])
+    raw = bytes([0x3F]) + bytes(struct.pack("<d", d)[6] for d in durs) + bytes(
+        struct.pack("<d", d)[5] for d in durs)
+    assert json.loads(data) == {"v": 1, "k": "h", "pid": 7, "seq": 11, "t": T_MS,
+                                "s": ["/orders/<int:oid>", "orders", "GET"],
+                                "e": [[0, 1, 2, 200, -1, 4250, 150,
+                                       binascii.b2a_base64(raw, newline=False).decode()]]}
+    [a] = decode_checked(data).aggregates
+    assert a.buckets == tuple(sorted(Counter(bucket_of(_kept_high(d)) for d in durs).items()))
+    assert all(0 <= d - _kept_high(d) < d * 2.0 ** -12 for d in durs)
+    mixed = [20e-6, 41.2e-6]  # either side of 2^-15 s: a top byte each
+    [data] = Encoder(7).high_bytes(T_MS, [["/", "i", "GET", 200, "", 1, 0, _high(mixed)]])
+    raw = b"\xff" + bytes(struct.pack("<d", d)[k] for k in (7, 6, 5) for d in mixed)
+    assert json.loads(data)["e"][0][7] == binascii.b2a_base64(raw, newline=False).decode()
+    [a] = decode_checked(data).aggregates
+    assert a.buckets == tuple(sorted(Counter(bucket_of(_kept_high(d)) for d in mixed).items()))
+    assert enc.high_bytes(T_MS, [["/", "i", "GET", 200, "", 1, 0, (b"", b"", b"")]]) == []
+    route = ["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150]
+    for many, share in (([31e-6 + i * 1e-7 for i in range(20000)], 1 / 2),
+                        ([29e-6 + i * 1e-7 for i in range(20000)], 3 / 4)):
+        n_h = len(Encoder(7).high_bytes(T_MS, [route + [_high(many)]]))
+        n_d = len(Encoder(7).durations(T_MS, [route + [_words(many)]]))
+        assert n_h <= n_d * share + 1, (n_h, n_d)
+
+
+_HIGH = (b'{"v":1,"k":"h","pid":7,"seq":1,"t":1732190000123,"s":["/a","a","GET","E"],"e":[%s]}')
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (_b64(b"\x3f\x50\x62\x00\x10"), None),  # two durations of top byte 0x3F
+    (_b64(b"\x41\x22\x75"), None),  # exactly a week
+    (_b64(b"\x41\x22\x76"), "bad_field"),  # over a week
+    (_b64(b"\xbf\x50\x00"), "bad_field"),  # negative
+    (_b64(b"\x7f\xf8\x00"), "bad_field"),  # NaN
+    (_b64(b"\x7f\xf0\x00"), "bad_field"),  # infinite
+    (_b64(b"\xff\x3e\x3f\xf0\x50\x00\x10"), None),  # a top byte each
+    (_b64(b"\xff\x3e\x3f\xf0\x50\x00"), "bad_field"),  # 0xFF, then not three planes
+    (_b64(b"\xff\xff\xf8\x00"), "bad_field"),  # 0xFF, then a NaN
+    (_b64(b"\x3f\x50\x62\x00"), "bad_field"),  # even: not a top byte and two planes
+    (_b64(b"\x3f"), "bad_field"),  # a top byte, no durations
+    (_b64(b"\x3f\x50\x00")[:-1], "bad_field"),  # not base64
+    (b"", "bad_field"),
+])
+def test_high_bytes_decode_rejects(payload: bytes, reason: Any) -> None:
+    good = b'[0,1,2,200,-1,1,0,"' + _b64(b"\x3f\x50\x00") + b'"]'
+    out = decode_checked(_HIGH % (good + b',[0,1,2,200,3,1,0,"' + payload + b'"]'))  # all or nothing
+    if reason is None:
+        assert isinstance(out, Datagram) and len(out.aggregates) == 2
+        assert out.aggregates[1].exc == "E"
+        data = binascii.a2b_base64(payload)
+        assert out.aggregates[1].count == (len(data) - 1) // (3 if data[0] == 0xFF else 2)
+    else:
+        assert out == Reject(reason)
+
+
+@FUZZ
+@given(st.one_of(one_top, st.lists(week_floats, max_size=200)))
+def test_high_bytes_are_the_top_bytes_and_two_planes(durs: List[float]) -> None:
+    """protocol.high_bytes: what _high writes: the top byte they share, or each one's."""
+    from flasktop.protocol import high_bytes
+    assert high_bytes(array("d", durs)) == _high(durs)

@@ -57,11 +57,20 @@ HOLD_CAP = 20_000
 _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per datagram
 # Each flush sends its first BUDGET ended requests one by one, and every slow or failed one;
 # the rest (a busy worker's fast, successful requests) go as per-(route, method, status,
-# thread) latency histograms, or, for a lane of one group, as their durations (kind "d",
-# which flasktop buckets): one row per flush instead of one event per request, which is
-# what the app would otherwise pay to encode and send. Every request is reported exactly once.
+# thread) latency histograms, or, for a lane of one group, as the high bytes of their
+# durations (kind "h", which flasktop buckets): one row per flush instead of one event per
+# request, which is what the app would otherwise pay to encode and send. Every request is
+# reported exactly once.
 BUDGET = 64
-SLOW_S = 0.005  # seconds; a request at least this long is always sent on its own
+# Seconds: a request at least this long is always sent on its own. 5/1024 s, about 5 ms,
+# whose binary64 is 0x3F74 and then zeros, so that a duration's top two bytes alone tell
+# a slow one from a fast one (see _all_fast): no float is made of a busy flush's durations.
+SLOW_S = 5 / 1024
+_SLOW_TOP, _SLOW_B6 = struct.pack("<d", SLOW_S)[7], struct.pack("<d", SLOW_S)[6]
+_FAST_B6 = bytes(range(_SLOW_B6))  # byte 6 of a duration under SLOW_S whose top byte is _SLOW_TOP
+_TOPS_UP_TO_SLOW = bytes(range(_SLOW_TOP + 1))
+_IS_SLOW_TOP = bytes(0xFF if i == _SLOW_TOP else 0 for i in range(256))  # translate tables
+_IS_SLOW_B6 = bytes(0xFF if i >= _SLOW_B6 else 0 for i in range(256))
 # protocol.bucket_of's ceil(ln(d) / ln(gamma)) as ceil(log2(d) / log2(gamma)): the same key but
 # within a rounding error of a bucket's edge, where either key is within AGG_ACCURACY (a
 # million random durations all agree). log2 takes one argument, so map() calls it without
@@ -490,27 +499,28 @@ class Reporter:
         """Send one lane's ended requests (start, group, size, duration quads), like
         :meth:`_send_ended`: the budget and the slow or loud groups one by one (a group id
         below zero is a 5xx, never started or an exception), the rest as aggregates."""
-        t0s = quads[0::4]
         gks = quads[1::4]
         durs = quads[3::4]
-        n = len(t0s)
+        n = len(gks)
         budget = max(budget, 0)
         if n <= budget:
             self._lane_requests(tid, quads, range(n))
             return budget - n
         if budget:
             self._lane_requests(tid, quads, range(budget))
-        # The busy common case, in as few passes as can be: one group, none failed, none
-        # slow (its buckets all below SLOW_S's), none at the zero bucket's edge.
+        # The busy common case, in as few passes as can be, none of which makes a Python
+        # object per request: one group, none failed, none slow.
         rest = gks[budget:]
         g0 = rest[0]
         # "all one group" as one memcmp: array.count() would make a float of every item
         if g0 > 0 and rest.tobytes() == _ONE_D.pack(g0) * (n - budget):
             quiet = durs[budget:]
-            if max(quiet) < SLOW_S:  # the durations themselves: flasktop buckets them
-                self._aggregate_lane(tid, {g0: protocol.duration_words(quiet)}, n - budget,
-                                     t0s[budget] + durs[budget], t0s[-1] + durs[-1])
+            high = protocol.high_bytes(quiet)
+            if _all_fast(high):  # flasktop buckets them
+                self._aggregate_lane(tid, {g0: high}, n - budget,
+                                     quads[4 * budget] + quiet[0], quads[-4] + quiet[-1])
                 return 0
+        t0s = quads[0::4]
         loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
         loud[:budget] = repeat(False, budget)  # sent above
         picked = list(compress(range(n), loud))
@@ -567,7 +577,7 @@ class Reporter:
         requests in all, which ended between ``first_end`` and ``last_end`` (perf_counter
         seconds; records are nearly in end order, so these are the first and the last).
         ``buckets`` is a list of (key, count) pairs (kind "a"), or the durations as
-        ``protocol.duration_words`` makes them (kind "d")."""
+        ``protocol.high_bytes`` makes them (kind "h")."""
         now = time.perf_counter()
         t_ms = int(time.time() * 1000)
         span = int(min((now - min(first_end, last_end)) * 1000.0, _MAX_AGE_MS))
@@ -579,11 +589,11 @@ class Reporter:
                 hit = self._rule(rule)
             row = [hit[1][0], hit[2][0], _METHODS.get(method, "OTHER"), code, exc,
                    tid if 0 < tid < _MAX_TID else 1, span]
-            if type(buckets) is bytes:
+            if type(buckets) is tuple:
                 raw.append(row + [buckets])
             else:
                 rows.append(row + [sorted(buckets)])
-        for data in self.encoder.aggregates(t_ms, rows) + self.encoder.durations(t_ms, raw):
+        for data in self.encoder.aggregates(t_ms, rows) + self.encoder.high_bytes(t_ms, raw):
             self._send(data)
         self.reported += n
         self.aggregated += n
@@ -828,6 +838,19 @@ def _bucket_keys(durs: List[float]) -> List[int]:
     if min(durs) > protocol.AGG_MIN_S:
         return list(_log_keys(durs))
     return list(map(protocol.bucket_of, durs))  # rare: one at or below AGG_MIN_S (zero bucket)
+
+
+def _all_fast(high: Tuple[bytes, bytes, bytes]) -> bool:
+    """Whether every duration of ``protocol.high_bytes`` is under SLOW_S (and not below
+    zero), read from their top bytes and bytes 6 in C: none has a top byte above SLOW_S's,
+    and none of those with SLOW_S's has a byte 6 at or above SLOW_S's."""
+    top, b6, _ = high
+    if len(top) == 1:  # one top byte for all
+        return top[0] < _SLOW_TOP or (top[0] == _SLOW_TOP and not b6.translate(None, _FAST_B6))
+    if top.translate(None, _TOPS_UP_TO_SLOW):
+        return False
+    at_top = int.from_bytes(top.translate(_IS_SLOW_TOP), "little")
+    return not at_top & int.from_bytes(b6.translate(_IS_SLOW_B6), "little")
 
 
 def _size(value: Any) -> int:

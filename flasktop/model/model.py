@@ -29,11 +29,12 @@ from flasktop.model.workers import (
 )
 from flasktop.protocol import (
     AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S, AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS,
-    KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request, bucket_value,
+    KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request, bucket_value,
 )
 
 T = TypeVar("T")
 UNNAMED = (UNMATCHED, PENDING)
+_AGGREGATE_KINDS = frozenset((KIND_AGGREGATES, KIND_DURATIONS, KIND_HIGH_BYTES))  # decoded as rows
 NO_ROUTE = "<no beacon>"  # the route of a request seen only in a stack
 MAX_THREADS = 512  # per sample
 MAX_REQ_SECONDS = 64  # per worker, seconds of requests waiting to meet their RSS reading
@@ -120,7 +121,7 @@ class Model:
         w.beacon_t = now
         if dg.kind == KIND_REQUESTS:
             self._requests(w, dg, now)
-        elif dg.kind == KIND_AGGREGATES or dg.kind == KIND_DURATIONS:
+        elif dg.kind in _AGGREGATE_KINDS:
             self._aggregates(w, dg, now)
         elif dg.kind == KIND_INFLIGHT:
             if dg.t < w.inflight_t:

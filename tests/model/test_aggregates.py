@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import math
 import random
-import sys
+import struct
 from array import array
 from typing import List, Tuple
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flasktop.model.sketch import Sketch
 from flasktop.protocol import (
     AGG_MAX_KEY, AGG_ZERO, UNMATCHED, Aggregate, Datagram, Encoder, bucket_of, decode,
-    duration_words,
+    duration_words, high_bytes,
 )
 from tests.model.helpers import T0, agg, counted, done, model, proc, req, tick
 
@@ -228,20 +229,21 @@ def test_decoded_datagrams_fold() -> None:
     assert r.p95_ms == round(sk.quantile(0.95) * 1000, 3)
 
 
-def test_decoded_durations_fold_as_the_aggregates_of_the_same_requests() -> None:
-    """Kind "d" (a busy flush's durations, bucketed by decode()) folds exactly as kind "a"
-    rows of the same requests: counts, quantiles and histogram."""
-    words = duration_words(array("d", lognormal(5000, seed=9)))
-    full = bytearray(2 * len(words))  # what kind "d" keeps of them: the high halves
-    memoryview(full).cast("I")[1::2] = memoryview(words).cast("I")
-    kept = array("d")
-    kept.frombytes(full)
-    if sys.byteorder == "big":
-        kept.byteswap()
-    durs = list(kept)
+@pytest.mark.parametrize("kind", ["d", "h"])
+def test_decoded_durations_fold_as_the_aggregates_of_the_same_requests(kind: str) -> None:
+    """Kinds "d" and "h" (a busy flush's durations, bucketed by decode()) fold exactly as
+    kind "a" rows of the same requests: counts, quantiles and histogram."""
+    # one top byte, as a busy flush's durations have (30.5 us to 2 s)
+    raw = array("d", (min(max(d, 31e-6), 1.9) for d in lognormal(5000, seed=9)))
+    row = ["/r", "r", "GET", 200, "", 7, 150]
     ms = 1_700_000_001_000
-    wire_d = Encoder(7).durations(ms, [["/r", "r", "GET", 200, "", 7, 150, words]])
+    if kind == "d":
+        wire_d, keep = Encoder(7).durations(ms, [row + [duration_words(raw)]]), 4
+    else:
+        wire_d, keep = Encoder(7).high_bytes(ms, [row + [high_bytes(raw)]]), 3
     assert len(wire_d) > 1  # split: a datagram holds a few hundred
+    # what the kind keeps of each: the top bytes of its binary64, the rest zero
+    durs = [struct.unpack("<d", bytes(8 - keep) + struct.pack("<d", d)[8 - keep:])[0] for d in raw]
     buckets: dict = {}
     for d in durs:
         buckets[bucket_of(d)] = buckets.get(bucket_of(d), 0) + 1
