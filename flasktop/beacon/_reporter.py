@@ -64,12 +64,11 @@ _TABLE_BUDGET = 480  # bytes of string table a group of routes may share per dat
 BUDGET = 64
 # Seconds: a request at least this long is always sent on its own. 5/1024 s, about 5 ms,
 # whose binary64 is 0x3F74 and then zeros, so that a duration's top two bytes alone tell
-# a slow one from a fast one (see _all_fast): no float is made of a busy flush's durations.
+# a slow one from a fast one (see _slow_mask): no float is made of a busy flush's durations.
 SLOW_S = 5 / 1024
 _SLOW_TOP, _SLOW_B6 = struct.pack("<d", SLOW_S)[7], struct.pack("<d", SLOW_S)[6]
-_FAST_B6 = bytes(range(_SLOW_B6))  # byte 6 of a duration under SLOW_S whose top byte is _SLOW_TOP
-_TOPS_UP_TO_SLOW = bytes(range(_SLOW_TOP + 1))
 _IS_SLOW_TOP = bytes(0xFF if i == _SLOW_TOP else 0 for i in range(256))  # translate tables
+_IS_ABOVE_SLOW_TOP = bytes(0xFF if i > _SLOW_TOP else 0 for i in range(256))
 _IS_SLOW_B6 = bytes(0xFF if i >= _SLOW_B6 else 0 for i in range(256))
 # protocol.bucket_of's ceil(ln(d) / ln(gamma)) as ceil(log2(d) / log2(gamma)): the same key but
 # within a rounding error of a bucket's edge, where either key is within AGG_ACCURACY (a
@@ -509,17 +508,23 @@ class Reporter:
         if budget:
             self._lane_requests(tid, quads, range(budget))
         # The busy common case, in as few passes as can be, none of which makes a Python
-        # object per request: one group, none failed, none slow.
+        # object per request: one group, none failed. Its slow requests (a GC pause is
+        # enough) go one by one, found in C; flasktop buckets the rest from their high bytes.
         rest = gks[budget:]
         g0 = rest[0]
         # "all one group" as one memcmp: array.count() would make a float of every item
         if g0 > 0 and rest.tobytes() == _ONE_D.pack(g0) * (n - budget):
             quiet = durs[budget:]
             high = protocol.high_bytes(quiet)
-            if _all_fast(high):  # flasktop buckets them
-                self._aggregate_lane(tid, {g0: high}, n - budget,
+            mask = _slow_mask(high)
+            if mask is not None:
+                slow = _positions(mask)
+                self._lane_requests(tid, quads, [budget + i for i in slow])
+                high = _without(high, slow)
+            if high[1]:
+                self._aggregate_lane(tid, {g0: high}, len(high[1]),
                                      quads[4 * budget] + quiet[0], quads[-4] + quiet[-1])
-                return 0
+            return 0
         t0s = quads[0::4]
         loud = list(map(or_, map(ge, durs, repeat(SLOW_S, n)), map(lt, gks, repeat(0.0, n))))
         loud[:budget] = repeat(False, budget)  # sent above
@@ -840,17 +845,45 @@ def _bucket_keys(durs: List[float]) -> List[int]:
     return list(map(protocol.bucket_of, durs))  # rare: one at or below AGG_MIN_S (zero bucket)
 
 
-def _all_fast(high: Tuple[bytes, bytes, bytes]) -> bool:
-    """Whether every duration of ``protocol.high_bytes`` is under SLOW_S (and not below
-    zero), read from their top bytes and bytes 6 in C: none has a top byte above SLOW_S's,
-    and none of those with SLOW_S's has a byte 6 at or above SLOW_S's."""
+def _slow_mask(high: Tuple[bytes, bytes, bytes]) -> Optional[bytes]:
+    """0xFF for each duration of ``protocol.high_bytes`` at or over SLOW_S (or below zero),
+    0 for the others; None when none is. Read from their top bytes and bytes 6, in C."""
     top, b6, _ = high
     if len(top) == 1:  # one top byte for all
-        return top[0] < _SLOW_TOP or (top[0] == _SLOW_TOP and not b6.translate(None, _FAST_B6))
-    if top.translate(None, _TOPS_UP_TO_SLOW):
-        return False
-    at_top = int.from_bytes(top.translate(_IS_SLOW_TOP), "little")
-    return not at_top & int.from_bytes(b6.translate(_IS_SLOW_B6), "little")
+        if top[0] != _SLOW_TOP:
+            return None if top[0] < _SLOW_TOP else b"\xff" * len(b6)
+        mask = b6.translate(_IS_SLOW_B6)
+    else:
+        above = int.from_bytes(top.translate(_IS_ABOVE_SLOW_TOP), "little")
+        at = int.from_bytes(top.translate(_IS_SLOW_TOP), "little")
+        mask = (above | at & int.from_bytes(b6.translate(_IS_SLOW_B6), "little")).to_bytes(
+            len(b6), "little")
+    return mask if 0xFF in mask else None
+
+
+def _positions(mask: bytes) -> List[int]:
+    """Where ``mask`` holds 0xFF: a C search for each (they are few)."""
+    out = []
+    i = mask.find(0xFF)
+    while i >= 0:
+        out.append(i)
+        i = mask.find(0xFF, i + 1)
+    return out
+
+
+def _without(high: Tuple[bytes, bytes, bytes], drop: List[int]) -> Tuple[bytes, bytes, bytes]:
+    """``protocol.high_bytes`` of the durations but those at ``drop`` (ascending)."""
+    top, b6, b5 = high
+    spans = list(zip([0] + [i + 1 for i in drop], drop + [len(b6)]))
+
+    def cut(plane: bytes) -> bytes:
+        return b"".join([plane[a:b] for a, b in spans])
+
+    if len(top) != 1 or len(b6) == 1:
+        top = cut(top)
+        if top and top.count(top[:1]) == len(top):
+            top = top[:1]
+    return top, cut(b6), cut(b5)
 
 
 def _size(value: Any) -> int:
