@@ -294,16 +294,21 @@ def decode_only(seconds: float = 1.0) -> Tuple[float, float, float]:
     return events / cpu, sum(map(len, dgrams)) / len(dgrams), 20 * CHUNK / len(dgrams)
 
 
-def decode_durations(seconds: float = 1.0) -> Tuple[float, float]:
-    """Requests/s that decode() buckets from kind "d" (a busy flush's durations), alone,
-    and requests per datagram."""
+def decode_durations(kind: str, seconds: float = 1.0) -> Tuple[float, float]:
+    """Requests/s that decode() buckets from a busy flush's durations, alone, and requests
+    per datagram: kind "h" (their high bytes, what the beacon sends) or "d" (their high
+    halves, what beacons before "h" sent)."""
     from array import array
 
-    from flasktop.protocol import duration_words
+    from flasktop.protocol import duration_words, high_bytes
     rng = random.Random(3)
-    words = duration_words(array("d", (rng.lognormvariate(-9, 0.5) for _ in range(20_000))))
-    dgrams = Encoder(4242).durations(int(time.time() * 1000),
-                                     [["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150, words]])
+    durs = array("d", (rng.lognormvariate(-9, 0.5) for _ in range(20_000)))
+    row = ["/orders/<int:oid>", "orders", "GET", 200, "", 4250, 150]
+    t_ms = int(time.time() * 1000)
+    if kind == "h":
+        dgrams = Encoder(4242).high_bytes(t_ms, [row + [high_bytes(durs)]])
+    else:
+        dgrams = Encoder(4242).durations(t_ms, [row + [duration_words(durs)]])
     counted = 0
     start = time.process_time()
     while time.process_time() - start < seconds:
@@ -350,9 +355,10 @@ def main() -> None:
     per_s, size, per_dgram = decode_only()
     print(f"\ndecode() alone: {per_s:,.0f} request events per CPU-second "
           f"({size:,.0f} bytes and {per_dgram:.1f} events per datagram)")
-    d_per_s, d_per_dgram = decode_durations()
-    print(f"decode() of kind \"d\": {d_per_s:,.0f} requests bucketed per CPU-second "
-          f"({d_per_dgram:.0f} durations per datagram)")
+    for kind in ("h", "d"):
+        d_per_s, d_per_dgram = decode_durations(kind)
+        print(f"decode() of kind \"{kind}\": {d_per_s:,.0f} requests bucketed per CPU-second "
+              f"({d_per_dgram:.0f} durations per datagram)")
     print(f"memory held per decoded request event in the backlog: {bytes_per_queued_event():,.0f} bytes")
 
     print("\noffered ev/s   sent ev    datagrams  received   decoded ev  lost  kernel drops"
