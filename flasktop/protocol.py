@@ -15,10 +15,10 @@ per flush instead of one event per request; slow, failed and sampled requests
 still travel as ``r``, and each request is reported exactly once, in one kind or
 the other), ``d`` the same rows with the durations themselves instead of their
 histogram (32 bits each, base64: a busy flush leaves the bucketing to flasktop,
-and :func:`decode` makes them ``a`` rows), ``h`` likewise with 16 bits each and a top
-byte they share (what a busy flush sends now: half the datagrams), ``f`` the set of requests in flight (sent
-periodically, so a flasktop that attaches late still learns of a request that
-began before it).
+and :func:`decode` makes them ``a`` rows), ``h`` likewise with their high three
+bytes in two or three (what a busy flush sends now: half the datagrams), ``f`` the
+set of requests in flight (sent periodically, so a flasktop that attaches late still
+learns of a request that began before it).
 Strings travel once per datagram in the table ``s`` and events refer to them by
 index, so a batch of requests to one route costs the route's bytes once.
 
@@ -363,10 +363,8 @@ class Encoder:
         row without any is left out. Returns a list of datagrams (bytes), each taking the
         next sequence number.
 
-        Bucketing costs the app about 0.2 us a request (a log, a multiply and a count,
-        docs/benchmarks.md); taking each double's high half and base64 cost a tenth of
-        that, and the extra datagrams less again, so a busy flush ships durations and
-        flasktop, which has the time, does the counting."""
+        What beacons before kind "h" sent for a busy flush (:meth:`high_bytes` takes half
+        the datagrams); flasktop still decodes it."""
         def words(raw: bytes, room: int) -> list:
             per = room // 12 * 12  # whole words, no base64 padding
             return [raw[i:i + per] for i in range(0, len(raw) - len(raw) % 4, per)]

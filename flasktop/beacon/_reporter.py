@@ -66,7 +66,7 @@ BUDGET = 64
 # whose binary64 is 0x3F74 and then zeros, so that a duration's top two bytes alone tell
 # a slow one from a fast one (see _slow_mask): no float is made of a busy flush's durations.
 SLOW_S = 5 / 1024
-_SLOW_TOP, _SLOW_B6 = struct.pack("<d", SLOW_S)[7], struct.pack("<d", SLOW_S)[6]
+_SLOW_B6, _SLOW_TOP = struct.pack("<d", SLOW_S)[6:]  # 0x74, 0x3F
 _IS_SLOW_TOP = bytes(0xFF if i == _SLOW_TOP else 0 for i in range(256))  # translate tables
 _IS_ABOVE_SLOW_TOP = bytes(0xFF if i > _SLOW_TOP else 0 for i in range(256))
 _IS_SLOW_B6 = bytes(0xFF if i >= _SLOW_B6 else 0 for i in range(256))
@@ -520,7 +520,7 @@ class Reporter:
             if mask is not None:
                 slow = _positions(mask)
                 self._lane_requests(tid, quads, [budget + i for i in slow])
-                high = _without(high, slow)
+                high = protocol.high_bytes(_without(quiet, slow))
             if high[1]:
                 self._aggregate_lane(tid, {g0: high}, len(high[1]),
                                      quads[4 * budget] + quiet[0], quads[-4] + quiet[-1])
@@ -871,19 +871,12 @@ def _positions(mask: bytes) -> List[int]:
     return out
 
 
-def _without(high: Tuple[bytes, bytes, bytes], drop: List[int]) -> Tuple[bytes, bytes, bytes]:
-    """``protocol.high_bytes`` of the durations but those at ``drop`` (ascending)."""
-    top, b6, b5 = high
-    spans = list(zip([0] + [i + 1 for i in drop], drop + [len(b6)]))
-
-    def cut(plane: bytes) -> bytes:
-        return b"".join([plane[a:b] for a, b in spans])
-
-    if len(top) != 1 or len(b6) == 1:
-        top = cut(top)
-        if top and top.count(top[:1]) == len(top):
-            top = top[:1]
-    return top, cut(b6), cut(b5)
+def _without(durs: Any, drop: List[int]) -> Any:
+    """The ``array('d')`` ``durs`` but the items at ``drop`` (ascending): a slice each."""
+    out = array("d")
+    for a, b in zip([0] + [i + 1 for i in drop], drop + [len(durs)]):
+        out += durs[a:b]
+    return out
 
 
 def _size(value: Any) -> int:

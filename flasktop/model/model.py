@@ -29,7 +29,8 @@ from flasktop.model.workers import (
 )
 from flasktop.protocol import (
     AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S, AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS,
-    KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight, Request, bucket_value,
+    KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight,
+    Request, bucket_value,
 )
 
 T = TypeVar("T")
