@@ -52,6 +52,11 @@ class Model:
         self._nslots = max(1, config.window_slots)
         self._sk = Sketch(config.sketch_accuracy, config.sketch_max_buckets)
         self._reqfn = frozenset(config.request_functions)
+        # Once a stack of any worker showed request-handling frames, a stack without them is
+        # outside any request, whatever the beacon's timing says. The master's workers all
+        # run one app, so a worker respawned after the first one showed them trusts its
+        # stacks from its first sample on.
+        self._request_frames_seen = False
         self._routes: Dict[RouteKey, RouteStats] = {}
         self._other: Optional[RouteStats] = None
         self._dropped = DistinctCounter()
@@ -413,8 +418,8 @@ class Model:
     def _pend(self, w: WorkerState, tid: int, t: float, frames: Tuple[str, ...], cut: int) -> None:
         """Queue one sampled thread for joining with the request it was serving."""
         if cut >= 0:
-            w.request_frames_seen = True
-        elif w.request_frames_seen:
+            self._request_frames_seen = True
+        elif self._request_frames_seen:
             return  # between requests (a sample taken as one ended): not the route's time
         f = running_at(w.inflight.get(tid), t)
         done = w.last_done.get(tid)

@@ -50,7 +50,7 @@ class WorkerState:
         "rss", "fds", "conns", "inflight", "inflight_t", "beacon_t", "dropped",
         "recent", "served", "last_done", "pending", "threads", "sample_t", "sample_n",
         "phase", "req_by_sec", "growth_by_sec", "last_rss", "corr", "corr_routes", "long",
-        "records", "request_frames_seen",
+        "records",
     )
 
     def __init__(self, pid: int, create_time: float, t: float, pre_attach: bool,
@@ -85,9 +85,6 @@ class WorkerState:
         self.last_rss: Optional[Tuple[float, float]] = None
         self.corr = [0.0, 0.0, 0.0]  # seconds, sum of growth, sum of growth squared
         self.corr_routes: Dict[str, List[float]] = {}  # route -> [sum n, sum n^2, sum n*d, growth]
-        # Once a stack of this worker showed request-handling frames, a stack without
-        # them is outside any request, whatever the beacon's timing says.
-        self.request_frames_seen = False
 
     def main_thread(self) -> Optional[ThreadState]:
         th = self.threads.get(self.pid)

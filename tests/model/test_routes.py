@@ -79,6 +79,21 @@ def test_a_sample_between_requests_is_not_the_routes_time() -> None:
     assert h == {"render (app.py:10)": (1, 1)}
 
 
+def test_a_new_workers_idle_stack_is_not_the_routes_time_once_any_worker_showed_requests() -> None:
+    """The master's workers run one app: once worker 7's stacks showed request frames, a
+    worker spawned later (8, whose first samples are gunicorn's idle loop) trusts its
+    stacks too, so its server frames never become a route's hot frames."""
+    m = attached(pids=(7, 8))
+    m.feed(sample(7, T0 + 1.0, [(7, app_frames("render"))]), T0 + 1.0)
+    m.feed(flying(8, T0 + 1.5, [("/orders/<int:oid>", 8, T0 + 1.4)]), T0 + 1.5)
+    m.feed(sample(8, T0 + 1.8, [(8, IDLE_FRAMES)]), T0 + 1.8)  # as the request ended
+    m.feed(done(7, T0 + 2.4, [req("/orders/<int:oid>", 1.2, T0 + 1.9, tid=7)]), T0 + 2.4)
+    m.feed(done(8, T0 + 2.4, [req("/orders/<int:oid>", 0.4, T0 + 1.8, tid=8)]), T0 + 2.4)
+    m.feed(tick(T0 + 6, [proc(7, T0 + 6), proc(8, T0 + 6)]), T0 + 6)
+    h = hot(m.snapshot(T0 + 6), "/orders/<int:oid>")
+    assert h == {"render (app.py:10)": (1, 1)}
+
+
 def test_completion_already_folded_when_the_sample_arrives() -> None:
     m = attached()
     m.feed(done(7, T0 + 2, [req("/a", 1.0, T0 + 1.9, tid=7)]), T0 + 2)
