@@ -95,7 +95,9 @@ class Churn:
         if self.expected is None:
             self.expected = configured or count_before or None
         self.alive = count_after
-        if self.expected is not None and count_after < self.expected:
+        # A master always runs at least one worker: with none alive it is short even when
+        # how many it should have is unknown (a process title hides --workers).
+        if count_after < (self.expected or 1):
             if self.short_since is None:
                 self.short_since = t
         else:

@@ -110,7 +110,8 @@ class Judge:
                 and now - short >= cfg.starting_grace_s:
             out.append(Problem(
                 "workers_down", SEV_DOWN if churn.alive == 0 else SEV_FD + 10,
-                f"only {churn.alive} of {churn.expected} workers alive for {_age(now - short)}: "
+                (f"only {churn.alive} of {churn.expected} workers alive" if churn.expected
+                 else "no worker alive") + f" for {_age(now - short)}: "
                 "gunicorn's workers die or hang while starting (see its log)"))
         if churn.crash_t is not None and now - churn.crash_t <= cfg.problem_recent_s:
             out.append(Problem("crash_loop", SEV_CRASH,

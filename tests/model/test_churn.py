@@ -246,6 +246,22 @@ def test_workers_that_die_faster_than_the_poll_are_a_problem() -> None:
     assert not [p for p in m.snapshot(T0 + 8).problems if p.kind == "workers_down"]
 
 
+def test_no_worker_alive_is_a_problem_when_the_worker_count_is_unknown() -> None:
+    """A process title hides --workers, and flasktop attached during a crash loop: no count
+    was ever seen. A master with no worker alive is short all the same."""
+    m = model(starting_grace_s=5.0)
+    cfg = gconf(workers=None)
+    for i in range(0, 5):
+        run(m, T0 + i, [], {}, cfg)
+    assert not [p for p in m.snapshot(T0 + 4).problems if p.kind == "workers_down"]
+    for i in range(5, 8):
+        run(m, T0 + i, [], {}, cfg)
+    [p] = [p for p in m.snapshot(T0 + 7).problems if p.kind == "workers_down"]
+    assert p.severity > 90 and "no worker alive for 6.0 s" in p.summary
+    run(m, T0 + 8, [11], {11: T0 + 8}, cfg)
+    assert not [p for p in m.snapshot(T0 + 8).problems if p.kind == "workers_down"]
+
+
 def test_fewer_workers_after_ttou_are_not_a_problem() -> None:
     m = model(starting_grace_s=5.0)
     for i in range(5):
