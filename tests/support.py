@@ -80,12 +80,16 @@ class Gunicorn:
     """A real gunicorn master serving an app from tests/fixtures on a loopback port."""
 
     def __init__(self, app: str, *args: str, env: Optional[dict] = None,
-                 cwd: Optional[Path] = None) -> None:
+                 cwd: Optional[Path] = None, titled: bool = False) -> None:
         self.port = free_port()
         self.app = app
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        if not titled:  # see fixtures/untitled/setproctitle.py
+            path = self.env.get("PYTHONPATH")
+            self.env["PYTHONPATH"] = str(FIXTURES / "untitled") + (
+                os.pathsep + path if path else "")
         self.cwd = cwd or FIXTURES
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"flasktop-gunicorn-{self.port}.log"
@@ -172,9 +176,11 @@ class Response:
 @contextlib.contextmanager
 def gunicorn(app: str, *args: str, workers_expected: Optional[int] = None,
              env: Optional[dict] = None, cwd: Optional[Path] = None,
-             cls: "type[Gunicorn]" = None) -> Iterator[Gunicorn]:  # type: ignore[assignment]
-    """``with gunicorn("app_module:app", "-w", "2") as g:`` -- started, and always killed."""
-    g = (cls or Gunicorn)(app, *args, env=env, cwd=cwd)
+             cls: "type[Gunicorn]" = None,  # type: ignore[assignment]
+             titled: bool = False) -> Iterator[Gunicorn]:
+    """``with gunicorn("app_module:app", "-w", "2") as g:`` -- started, and always killed.
+    ``titled``: gunicorn retitles its processes (setproctitle), as in many deployments."""
+    g = (cls or Gunicorn)(app, *args, env=env, cwd=cwd, titled=titled)
     try:
         g.start(workers_expected=workers_expected)
         yield g

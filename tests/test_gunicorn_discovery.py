@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 from typing import Iterator, List
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flasktop.sources.gunicorn import (
-    NotGunicorn, find_masters, gunicorn_args, looks_like_gunicorn, parse_cmdline, read_config,
+    NotGunicorn, cmdline, find_masters, gunicorn_args, looks_like_gunicorn, parse_cmdline,
+    read_config,
     read_config_file, resolve_master,
 )
 from tests.support import Gunicorn, gunicorn, kill_tree, wait_until
@@ -211,6 +213,25 @@ def test_find_masters_lists_the_master_not_its_workers(sync_gunicorn: Gunicorn) 
     assert m.workers == 2
     assert m.parent_master is None
     assert "poller_app:app" in m.cmdline
+
+
+def test_a_titled_master_is_found_and_its_hidden_arguments_are_said_to_be_hidden() -> None:
+    """With setproctitle, gunicorn writes its title over its command line and pads the rest
+    with NULs (read back as empty arguments), and its environment with them."""
+    with gunicorn("poller_app:app", "-w", "2", "-t", "7", workers_expected=2, titled=True,
+                  env={"GUNICORN_CMD_ARGS": "--max-requests 50"}) as g:
+        title = ("gunicorn: master [poller_app:app]",)
+        wait_until(lambda: tuple(cmdline(g.pid) or ()) == title, timeout=10,
+                   message="gunicorn to retitle its master")
+        assert psutil.Process(g.pid).cmdline()[1:2] == [""]  # the padding, dropped by cmdline()
+        [m] = [m for m in find_masters() if m.pid == g.pid]
+        assert m.cmdline == title and m.workers == 2 and m.bind == (f"127.0.0.1:{g.port}",)
+        for w in g.worker_pids():
+            assert resolve_master(w)[0] == g.pid
+        config, _ = read_config(g.pid)
+        assert config.args_hidden and config.cmdline == title
+        # -t 7 is hidden, and so is GUNICORN_CMD_ARGS: the default is assumed, and says so
+        assert (config.timeout, config.max_requests, config.timeout_assumed) == (None, None, True)
 
 
 def test_gthread_config_from_the_real_command_line() -> None:

@@ -375,10 +375,12 @@ def read_config(pid: int) -> Tuple[GunicornConfig, Optional[str]]:
     ``WEB_CONCURRENCY``) and the config file named by ``-c`` or ``gunicorn.conf.py`` in
     the master's working directory. Never raises for a live or dead pid.
     """
+    argv = cmdline(pid)
     try:
         proc = psutil.Process(pid)
-        argv = proc.cmdline()
     except psutil.Error:
+        return GunicornConfig(), None
+    if argv is None:
         return GunicornConfig(), None
     try:
         environ: Mapping[str, str] = proc.environ()
@@ -537,17 +539,23 @@ def new_master_verdict(child: int, parent: int) -> Optional[bool]:
     return env.get("GUNICORN_PID") == str(parent)
 
 
-def _cmdline(pid: int) -> Optional[List[str]]:
+def cmdline(pid: int) -> Optional[List[str]]:
+    """``pid``'s command line, or None when it cannot be read. setproctitle (gunicorn uses it
+    when installed) writes its title over the first argument and pads the rest of the old
+    command line with NULs, which read back as empty arguments: those are dropped."""
     try:
-        return psutil.Process(pid).cmdline()
+        argv = psutil.Process(pid).cmdline()
     except psutil.Error:
         return None
+    while argv and not argv[-1]:
+        argv.pop()
+    return argv
 
 
 def _describe(pid: int) -> str:
     try:
         p = psutil.Process(pid)
-        cmd = " ".join(p.cmdline()) or f"[{p.name()}]"
+        cmd = " ".join(cmdline(pid) or ()) or f"[{p.name()}]"
     except psutil.Error:
         return "?"
     cmd = "".join(c if c.isprintable() else "?" for c in cmd)
@@ -608,7 +616,7 @@ class _Probe:
         return bool(theirs & socket_inodes(mine.values())) or bool(self.has_heartbeat(child))
 
     def is_gunicorn(self, pid: int) -> bool:
-        argv = _cmdline(pid)
+        argv = cmdline(pid)
         if argv is not None and looks_like_gunicorn(argv):
             return True
         return self.structural_master(pid) or self.structural_worker(pid)
@@ -631,7 +639,7 @@ class _Probe:
             return verdict
         # environment unreadable: a master has gunicorn children that share its sockets
         for k in self.live_kids(child)[:8]:
-            argv = _cmdline(k)
+            argv = cmdline(k)
             if argv is not None and looks_like_gunicorn(argv) and self.shares_listener(k, child) is not False:
                 return True
         return False
@@ -696,7 +704,7 @@ def find_masters() -> List[MasterInfo]:
     for pid, (state, _, _) in probe.table.items():
         if state in "ZX" or pid == os.getpid():
             continue
-        argv = _cmdline(pid)
+        argv = cmdline(pid)
         if argv is not None and looks_like_gunicorn(argv):
             gunicorns[pid] = argv
     out: List[MasterInfo] = []
@@ -716,6 +724,6 @@ def find_masters() -> List[MasterInfo]:
 
 
 __all__ = [
-    "MasterInfo", "NotGunicorn", "find_masters", "gunicorn_args", "looks_like_gunicorn",
+    "MasterInfo", "NotGunicorn", "cmdline", "find_masters", "gunicorn_args", "looks_like_gunicorn",
     "parse_cmdline", "read_config", "read_config_file", "resolve_master",
 ]

@@ -26,8 +26,8 @@ import psutil
 
 from flasktop.model.events import GunicornConfig, ProcStats, SourceState, TopologyTick
 from flasktop.sources.gunicorn import (
-    PROC, fd_targets, is_heartbeat_target, looks_like_gunicorn, new_master_verdict, read_config,
-    read_stat, socket_inodes,
+    PROC, cmdline, fd_targets, is_heartbeat_target, looks_like_gunicorn, new_master_verdict,
+    read_config, read_stat, socket_inodes,
 )
 
 ROLE_SETTLE_S = 2.0  # a child younger than this may not have exec'd yet (USR2): re-check its role
@@ -351,12 +351,10 @@ class Poller:
                 st = read_stat(k)
                 if st is None or st[0] in "ZX":
                     continue
-                try:
-                    if looks_like_gunicorn(psutil.Process(k).cmdline()):
-                        verdict = True
-                        break
-                except psutil.Error:
-                    continue
+                argv = cmdline(k)
+                if argv is not None and looks_like_gunicorn(argv):
+                    verdict = True
+                    break
             tr.role = "new_master" if verdict else "worker"
             tr.role_final = False
             return
