@@ -153,6 +153,17 @@ class Aggregate(NamedTuple):
         return sum(n for _, n in self.buckets)
 
 
+class GunicornSettings(NamedTuple):
+    """What gunicorn runs the sending worker with, as its own config object says (kind "f",
+    key "g"): the truth where the master's command line and environment cannot be read."""
+
+    timeout: float  # seconds; 0 is gunicorn's "no timeout"
+    workers: int
+    threads: int
+    max_requests: int  # 0: never recycled
+    worker_class: str  # "sync", "gthread", "gevent", or a dotted path
+
+
 class Datagram(NamedTuple):
     kind: str
     pid: int
@@ -164,6 +175,7 @@ class Datagram(NamedTuple):
     dropped: int  # kind "f": events the beacon dropped since it started (buffer full)
     send_errors: int  # kind "f": sendto() failures since it started
     aggregates: tuple = ()  # tuple[Aggregate, ...] for kinds "a" and "d"
+    gunicorn: Optional[GunicornSettings] = None  # kind "f", from a beacon inside gunicorn
 
 
 class Reject(NamedTuple):
@@ -269,14 +281,18 @@ class Encoder:
         """
         return self._batches(KIND_REQUESTS, t_ms, rows)
 
-    def inflight(self, t_ms: int, rows: list, total: int, dropped: int, send_errors: int) -> list:
+    def inflight(self, t_ms: int, rows: list, total: int, dropped: int, send_errors: int,
+                 gunicorn: Optional[tuple] = None) -> list:
         """Encode the set of requests in flight.
 
         Each row: ``[route, endpoint, method, tid, age_us]``. Always one datagram
         (an empty set is news too: nothing is running); rows past what fits are
-        left out and ``total`` says how many there were.
+        left out and ``total`` says how many there were. ``gunicorn``: the worker's
+        settings as :func:`gunicorn_fields` makes them, or None.
         """
         extra = ',"n":%d,"x":[%d,%d]' % (total, dropped, send_errors)
+        if gunicorn is not None:
+            extra += ',"g":[%d,%d,%d,%d,"%s"]' % gunicorn
         datagrams = self._batches(KIND_INFLIGHT, t_ms, rows, extra)
         if len(datagrams) > 1:
             # Keep the first (the report is a sample); give back the unused sequence numbers.
@@ -527,6 +543,35 @@ _BUCKET_READERS = {KIND_AGGREGATES: _bucket_pairs, KIND_DURATIONS: _duration_buc
                    KIND_HIGH_BYTES: _high_byte_buckets}
 
 
+_MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a week
+_MAX_WORKERS = 1 << 20  # workers, or threads per worker
+_WORKER_CLASS = re.compile(r"[A-Za-z0-9_.:#-]{1,64}\Z")
+
+
+def gunicorn_fields(timeout: Any, workers: Any, threads: Any, max_requests: Any,
+                    worker_class: Any) -> Optional[tuple]:
+    """gunicorn's settings as key ``g`` carries them (``timeout`` in seconds), or None when
+    any is out of the limits docs/protocol.md gives. gunicorn runs a "sync" worker class
+    with more than one thread as "gthread", and so does this."""
+    try:
+        fields = (round(float(timeout) * 1000), int(workers), int(threads), int(max_requests),
+                  "gthread" if worker_class == "sync" and int(threads) > 1 else str(worker_class))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return fields if _gunicorn_settings(list(fields)) is not None else None
+
+
+def _gunicorn_settings(g: Any) -> Optional[GunicornSettings]:
+    if type(g) is not list or len(g) != 5:
+        return None
+    timeout_ms, workers, threads, max_requests, worker_class = g
+    if not (_int(timeout_ms, 0, _MAX_TIMEOUT_MS) and _int(workers, 1, _MAX_WORKERS)
+            and _int(threads, 1, _MAX_WORKERS) and _int(max_requests, 0, _MAX_COUNTER)
+            and type(worker_class) is str and _WORKER_CLASS.match(worker_class)):
+        return None
+    return GunicornSettings(timeout_ms / 1000.0, workers, threads, max_requests, worker_class)
+
+
 def decode(data: bytes) -> Decoded:
     """Decode one datagram. Never raises; garbage is a :class:`Reject`."""
     try:
@@ -614,7 +659,12 @@ def _decode(data: bytes) -> Decoded:
             flights.append(InFlight(strings[r], strings[ep], strings[m], tid, t - age / 1e6))
         if total < len(flights):
             return Reject("bad_field")
-        return Datagram(kind, pid, seq, t, (), tuple(flights), total, x[0], x[1])
+        settings = None
+        if "g" in obj:
+            settings = _gunicorn_settings(obj["g"])
+            if settings is None:
+                return Reject("bad_field")
+        return Datagram(kind, pid, seq, t, (), tuple(flights), total, x[0], x[1], (), settings)
     read_buckets = _BUCKET_READERS.get(kind)
     if read_buckets is not None:
         aggs = []

@@ -43,8 +43,8 @@ def render(snap: Snapshot, width: int = 100) -> str:
                    f"watched {snap.attached_s:.1f}s{state}")
         if m.timeout_assumed:
             out.append(f"  timeout {m.timeout:.0f}s is gunicorn's default, assumed: the master's process "
-                       "title (setproctitle) hides its arguments, and neither GUNICORN_CMD_ARGS nor a "
-                       "config file set it")
+                       "title (setproctitle) hides its arguments and environment, its config file did "
+                       "not set it, and no beacon has reported gunicorn's settings")
         if m.new_master_pid:
             out.append(f"  a new master {m.new_master_pid} was started (USR2 upgrade): "
                        f"run flasktop --pid {m.new_master_pid} to follow it")

@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 import psutil
 import pytest
 
+from flasktop.protocol import GunicornSettings
 from tests.fixtures.beacon_receiver import Receiver
 from tests.support import Gunicorn, free_port, gunicorn, in_background, wait_until
 
@@ -97,6 +98,9 @@ def test_gthread_workers_with_preload_streaming_and_in_flight(tmp_path: Path) ->
                 assert stream.duration_s >= 0.3 and stream.size == len(r.body)
 
                 check_each_request_reported_once(g, rx, n=32, clients=8)
+                # read in the master while it preloaded the app, kept across fork
+                assert {d.gunicorn for d in rx.datagrams() if d.kind == "f"} == {
+                    GunicornSettings(30.0, 2, 4, 0, "gthread")}
         finally:
             (tmp_path / "gthread-token").touch()
             held.join(timeout=15)
@@ -128,15 +132,19 @@ def test_gevent_worker_keys_in_flight_requests_by_request(tmp_path: Path) -> Non
             rx.wait_requests("/hold/<token>", 2)
             got = rx.wait_requests("/whoami/<int:n>", 12)
             assert len(got) == 12 and {r.status for _, r in got} == {200}
+            assert {d.gunicorn for d in rx.datagrams() if d.kind == "f"} == {
+                GunicornSettings(30.0, 1, 1, 0, "gevent")}
 
 
 def test_the_gunicorn_hook_instruments_an_uninstrumented_app() -> None:
-    with Receiver() as rx, gunicorn("beacon_plain:app", "-c", HOOK, "-w", "1", workers_expected=1,
+    with Receiver() as rx, gunicorn("beacon_plain:app", "-c", HOOK, "-w", "1", "-t", "17",
+                                    "--max-requests", "900", workers_expected=1,
                                     env={"FLASKTOP_BEACON": rx.address}) as g:
         [worker] = g.worker_pids()
-        # the hook starts the heartbeat before any request
-        rx.wait(lambda r: any(d.pid == worker and d.kind == "f" for d in r.datagrams()),
-                message="a heartbeat from the worker")
+        # the hook starts the heartbeat before any request, with gunicorn's settings
+        [beat] = rx.wait(lambda r: [d for d in r.datagrams() if d.pid == worker and d.kind == "f"],
+                         message="a heartbeat from the worker")[:1]
+        assert beat.gunicorn == GunicornSettings(17.0, 1, 1, 900, "sync")
         assert g.get("/orders/7").status == 200
         assert g.get("/boom").status == 500
         [(pid, order)] = rx.wait_requests("/orders/<int:oid>", 1)

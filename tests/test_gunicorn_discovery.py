@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from flasktop.sources.gunicorn import (
     NotGunicorn, cmdline, find_masters, gunicorn_args, looks_like_gunicorn, parse_cmdline,
-    read_config,
-    read_config_file, resolve_master,
+    read_config, read_config_file, resolve_master,
 )
 from tests.support import Gunicorn, gunicorn, kill_tree, wait_until
 

@@ -21,8 +21,8 @@ from flasktop.protocol import (
     _MAX_SIZE, _MAX_STRINGS, _MAX_T_MS, _MAX_TID, _MIN_T_MS, AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S,
     AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS, KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS,
     LABEL_BUDGET, MAX_DATAGRAM, MAX_LABEL,
-    TRUNCATION_MARK, VERSION, Aggregate, Datagram, Encoder, InFlight, Reject, Request, bucket_of,
-    bucket_value, clip, decode,
+    TRUNCATION_MARK, VERSION, Aggregate, Datagram, Encoder, GunicornSettings, InFlight, Reject,
+    Request, bucket_of, bucket_value, clip, decode, gunicorn_fields,
 )
 
 # Every reason decode() may give; docs/protocol.md lists the same.
@@ -445,6 +445,71 @@ def test_inflight_round_trip(pid: int, t: int, rows: list, more: int, dropped: i
     for f, (route, ep, method, tid, age) in zip(d.inflight, rows):
         assert (f.route, f.endpoint, f.method, f.tid) == (route, ep, method, tid)
         assert round((t / 1000 - f.start) * 1e6) == age
+
+
+gunicorn_settings = st.tuples(
+    st.integers(0, 7 * 24 * 3600), st.integers(1, 1 << 20), st.integers(1, 1 << 20),
+    st.integers(0, 1 << 53),
+    st.one_of(st.sampled_from(["sync", "gthread", "gevent", "eventlet", "tornado",
+                               "uvicorn.workers.UvicornWorker", "egg:gunicorn#eventlet"]),
+              st.from_regex(r"[A-Za-z0-9_.:#-]{1,64}", fullmatch=True)))
+
+
+@FUZZ
+@given(pids, t_ms, flight_rows, gunicorn_settings)
+def test_inflight_carries_gunicorns_settings(pid: int, t: int, rows: list, g: tuple) -> None:
+    rows = [_clipped(r, (0, 1, 2)) for r in rows]
+    timeout, workers, threads, max_requests, worker_class = g
+    fields = gunicorn_fields(timeout, workers, threads, max_requests, worker_class)
+    assert fields is not None
+    [data] = Encoder(pid).inflight(t, rows, total=len(rows), dropped=0, send_errors=0,
+                                   gunicorn=fields)
+    assert len(data) <= MAX_DATAGRAM
+    d = decode_checked(data)
+    assert isinstance(d, Datagram) and d.inflight_total == len(rows)
+    # gunicorn runs a sync worker class with threads as gthread
+    shown = "gthread" if worker_class == "sync" and threads > 1 else worker_class
+    assert d.gunicorn == GunicornSettings(float(timeout), workers, threads, max_requests, shown)
+
+
+def test_gunicorn_fields_refuse_what_cannot_travel() -> None:
+    assert gunicorn_fields(30, 4, 1, 0, "sync") == (30000, 4, 1, 0, "sync")
+    assert gunicorn_fields(2.5, 1, 1, 0, "sync") == (2500, 1, 1, 0, "sync")
+    for bad in [(float("nan"), 1, 1, 0, "sync"), (float("inf"), 1, 1, 0, "sync"),
+                (-1, 1, 1, 0, "sync"), (30, 0, 1, 0, "sync"), (30, 1, 0, 0, "sync"),
+                (30, 1, 1, -1, "sync"), (30, 1, 1, 0, ""), (30, 1, 1, 0, 'x"y'),
+                (30, 1, 1, 0, "a" * 65), (30, 1, 1, 0, "sync\n"), (None, 1, 1, 0, "sync"),
+                (30, 1, 1, 0, object())]:
+        assert gunicorn_fields(*bad) is None, bad
+
+
+@pytest.mark.parametrize("g, reason", [
+    (b'[30000,4,1,0,"sync"]', None),
+    (b'[0,1,1,0,"gthread"]', None),
+    (b'[30000,4,1,0]', "bad_field"),
+    (b'[30000,4,1,0,"sync",1]', "bad_field"),
+    (b'[30000.0,4,1,0,"sync"]', "bad_number"),
+    (b'[-1,4,1,0,"sync"]', "bad_field"),
+    (b'[604800001,4,1,0,"sync"]', "bad_field"),
+    (b'[30000,0,1,0,"sync"]', "bad_field"),
+    (b'[30000,4,0,0,"sync"]', "bad_field"),
+    (b'[30000,4,1,-1,"sync"]', "bad_field"),
+    (b'[30000,true,1,0,"sync"]', "bad_field"),
+    (b'[30000,4,1,0,""]', "bad_field"),
+    (b'[30000,4,1,0,"a b"]', "bad_field"),
+    (b'[30000,4,1,0,"\\u001b[31m"]', "bad_field"),
+    (b'[30000,4,1,0,7]', "bad_field"),
+    (b'{"timeout":30}', "bad_field"),
+    (b'null', "bad_field"),
+])
+def test_inflight_gunicorn_settings_are_checked(g: bytes, reason: Any) -> None:
+    data = (b'{"v":1,"k":"f","pid":7,"seq":1,"t":1732190000123,"n":0,"x":[0,0],"g":' + g
+            + b',"s":[],"e":[]}')
+    out = decode_checked(data)
+    if reason is None:
+        assert isinstance(out, Datagram) and isinstance(out.gunicorn, GunicornSettings)
+    else:
+        assert out == Reject(reason)
 
 
 bucket_keys = st.one_of(st.just(AGG_ZERO), st.integers(-AGG_MAX_KEY + 1, AGG_MAX_KEY))

@@ -16,6 +16,7 @@ import pytest
 
 from flasktop.engine import Engine
 from flasktop.model.snapshot import Snapshot
+from flasktop.sources.gunicorn import cmdline, is_process_title
 from tests.support import Gunicorn, free_port, gunicorn, snapshot_until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,17 +108,25 @@ def test_attach_after_hang_began_reports_true_age_and_stuck(tmp_path, engine_for
         (tmp_path / "release").touch()
 
 
-def test_timeout_kill_shows_up_with_route_and_stack(tmp_path, engine_for):
+@pytest.mark.parametrize("titled", [False, True], ids=["command_line", "process_title"])
+def test_timeout_kill_shows_up_with_route_and_stack(tmp_path, engine_for, titled):
+    """``process_title``: setproctitle (installed with the test extra) overwrites the
+    master's command line and environment, so the 4 s timeout can only come from the
+    beacon inside the workers, as gunicorn's own config object says."""
     udp = free_port(socket.SOCK_DGRAM)
     with gunicorn("trouble_app:app", "-w", "2", "--timeout", "4",
-                  env=_env(tmp_path, udp), workers_expected=2) as g:
+                  env=_env(tmp_path, udp), workers_expected=2, titled=titled) as g:
+        assert is_process_title(cmdline(g.pid) or []) == titled
         engine = engine_for(g, udp)
-        _until(engine, lambda s: len(s.workers) == 2, message="two workers")
+        _hit(g, "/fast/1", 4)  # a worker's beacon starts reporting with its first request
+        snap = _until(engine, lambda s: len(s.workers) == 2 and s.master.timeout == 4.0,
+                      message="two workers and gunicorn's timeout")
+        assert not snap.master.timeout_assumed and snap.master.workers == 2
         _hang(g)
         snap = _until(engine, lambda s: any(e.kind == "timeout_killed" for e in s.events),
                       timeout=30, message="a timeout kill event")
         ev = next(e for e in snap.events if e.kind == "timeout_killed")
-        assert ev.route == "/hang"
+        assert ev.route == "/hang" and "killed by the timeout (4.0 s)" in ev.summary
         assert ev.stack and any("wait_for_lock" in f for f in ev.stack)
         snap = _until(engine, lambda s: sorted(w.pid for w in s.workers) == g.worker_pids()
                       and len(s.workers) == 2, message="the replacement worker")

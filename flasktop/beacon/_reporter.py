@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from array import array
@@ -160,6 +161,9 @@ class Reporter:
         self.lanes: List[Any] = []
         self.groups: Dict[tuple, float] = {(0, None, "OTHER", ""): UNTRACKED}
         self.group_info: List[Any] = [None, (0, None, "OTHER", "")]
+        # gunicorn's settings for this worker (protocol.gunicorn_fields), sent with every
+        # in-flight report; kept across fork (a --preload master read them for its workers)
+        self.gunicorn: Optional[tuple] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -726,7 +730,8 @@ class Reporter:
         # "dropped" on the wire: every ended request that never went out, the buffer
         # being full or nobody listening; a flasktop that re-attaches sees the gap.
         for data in self.encoder.inflight(t_ms, rows, max(len(snap), len(rows)),
-                                          self.dropped + self.unheard, self.send_errors):
+                                          self.dropped + self.unheard, self.send_errors,
+                                          self.gunicorn):
             self._probe(data)
 
     def _evict(self) -> None:
@@ -910,7 +915,37 @@ def reporter_for(address: str) -> Optional[Reporter]:
         rep = _reporters.get(key)
         if rep is None:
             rep = _reporters[key] = Reporter(target)
+        if rep.gunicorn is None:
+            rep.gunicorn = gunicorn_settings()
         return rep
+
+
+def gunicorn_settings(cfg: Any = None) -> Optional[tuple]:
+    """gunicorn's settings (``protocol.gunicorn_fields``) from its config object ``cfg``, or
+    found on the calling stack: the beacon is made while gunicorn loads the app, in a worker
+    (``Worker.load_wsgi``) or, with ``--preload``, in the master (``Arbiter.setup``), and
+    those frames' ``self`` holds ``cfg``. None outside gunicorn. Never raises.
+
+    flasktop reads the same settings from the master's command line, its environment and
+    its config file, but cannot where setproctitle has overwritten the first two (it does
+    whenever it is installed) or where the file computes them; this is what gunicorn runs."""
+    try:
+        if cfg is None:
+            frame = sys._getframe(1)
+            while frame is not None:
+                if str(frame.f_globals.get("__name__", "")).startswith("gunicorn."):
+                    own = frame.f_locals.get("self")
+                    found = getattr(own, "cfg", None) if own is not None else None
+                    if type(found).__module__ == "gunicorn.config":
+                        cfg = found
+                        break
+                frame = frame.f_back
+            if cfg is None:
+                return None
+        return protocol.gunicorn_fields(cfg.timeout, cfg.workers, cfg.threads,
+                                        cfg.max_requests, cfg.worker_class_str)
+    except Exception:  # noqa: BLE001 - not gunicorn's config after all: nothing to send
+        return None
 
 
 def find_record(environ: Any) -> Optional[list]:

@@ -18,6 +18,7 @@ def post_worker_init(worker: Any) -> None:
     """Wrap ``worker.wsgi`` (a Flask app gets ``Beacon``) and start the heartbeat now."""
     from flasktop.beacon import BeaconMiddleware, instrument
     from flasktop.beacon._fast import EXTENSION
+    from flasktop.beacon._reporter import gunicorn_settings
 
     try:
         worker.wsgi = instrument(worker.wsgi)
@@ -28,6 +29,9 @@ def post_worker_init(worker: Any) -> None:
         else:  # a Flask app: its Beacon's reporter (fast path or middleware)
             reporter = getattr(beacon, "reporter", None)
         if reporter is not None:
+            settings = gunicorn_settings(worker.cfg)
+            if settings is not None:
+                reporter.gunicorn = settings
             reporter.start()
     except Exception:  # noqa: BLE001 - the worker must boot whatever happens here
         import logging

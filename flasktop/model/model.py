@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Deque, Dict, List, Optional, Tuple, TypeVar
 
 from flasktop.model.churn import Arrival, Churn, Departure
@@ -29,8 +30,8 @@ from flasktop.model.workers import (
 )
 from flasktop.protocol import (
     AGG_ACCURACY, AGG_MAX_KEY, AGG_MIN_S, AGG_ZERO, KIND_AGGREGATES, KIND_DURATIONS,
-    KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram, InFlight,
-    Request, bucket_value,
+    KIND_HIGH_BYTES, KIND_INFLIGHT, KIND_REQUESTS, PENDING, UNMATCHED, Datagram,
+    GunicornSettings, InFlight, Request, bucket_value,
 )
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ class Model:
         self._idle_epoch = -2
         self._workers: Dict[int, WorkerState] = {}
         self._tick: Optional[TopologyTick] = None
+        self._gunicorn: Optional[GunicornSettings] = None  # as a worker's beacon last said
         self._count = 0
         self._churn = Churn(config)
         self._queue: Deque[Tuple[int, int, Pending]] = deque()
@@ -133,6 +135,12 @@ class Model:
             if dg.t < w.inflight_t:
                 return
             w.inflight_t = dg.t
+            if dg.gunicorn is not None and dg.gunicorn != self._gunicorn:
+                self._gunicorn = dg.gunicorn
+                if self._tick is not None:
+                    self._tick = self._with_settings(self._tick)
+                    self._long_s = self.cfg.timeout_kill_fraction \
+                        * self._tick.config.effective_timeout
             last_done = w.last_done
             fresh: Dict[int, List[InFlight]] = {}
             n = 0
@@ -483,7 +491,22 @@ class Model:
         if len(rs.hot_leaf) > 2 * kept:
             rs.hot_leaf = _top(rs.hot_leaf, kept)
 
+    def _with_settings(self, tick: TopologyTick) -> TopologyTick:
+        """``tick`` with the settings a worker's beacon reported in place of what was read
+        from the master: those are what gunicorn runs, where the command line may be a
+        process title and the config file may compute its values. A timeout of 0 (none)
+        is left to what was read."""
+        g = self._gunicorn
+        if g is None:
+            return tick
+        c = tick.config
+        config = replace(c, timeout=g.timeout if g.timeout > 0 else c.timeout,
+                         workers=g.workers, threads=g.threads, worker_class=g.worker_class,
+                         max_requests=g.max_requests or None)
+        return replace(tick, config=config)
+
     def _topology(self, tick: TopologyTick, now: float) -> None:
+        tick = self._with_settings(tick)
         first = self._tick is None
         cfg = self.cfg
         live = {ps.pid: ps for ps in tick.workers}

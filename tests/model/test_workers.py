@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from flasktop.model.events import Frame
+from flasktop.protocol import GunicornSettings
 from flasktop.model.snapshot import BUSY, IDLE, STARTING, STOPPED, STUCK, UNKNOWN
 from tests.model.helpers import (
     IDLE_FRAMES, REQUEST_FRAMES, T0, app_frames, done, flying, gconf, model, proc, req, sample, tick,
@@ -51,6 +52,24 @@ def test_without_route_history_only_half_the_timeout_makes_stuck() -> None:
     m.feed(flying(7, T0 + 1, [("/export", 7, T0 + 1)]), T0 + 1)
     assert worker(m, 7, T0 + 29).state == BUSY
     assert worker(m, 7, T0 + 31).state == STUCK
+
+
+def test_the_beacons_gunicorn_settings_beat_a_process_title() -> None:
+    """setproctitle hid the master's arguments: flasktop assumed gunicorn's default timeout
+    (30 s). A worker's beacon reports the 10 s gunicorn really runs with: the judgement and
+    the header use it, no longer marked assumed."""
+    titled = gconf(timeout=None, args_hidden=True, cmdline=("gunicorn: master [app]",))
+    m = attached(config=titled)
+    assert m.snapshot(T0).master.timeout_assumed
+    report = flying(7, T0 + 1, [("/export", 7, T0 + 1)])
+    m.feed(report._replace(gunicorn=GunicornSettings(10.0, 3, 4, 500, "gthread")), T0 + 1)
+    assert worker(m, 7, T0 + 5).state == BUSY
+    assert worker(m, 7, T0 + 7).state == STUCK  # half of 10 s, not of an assumed 30 s
+    master = m.snapshot(T0 + 7).master
+    assert (master.timeout, master.timeout_assumed, master.workers, master.threads,
+            master.worker_class, master.max_requests) == (10.0, False, 3, 4, "gthread", 500)
+    m.feed(tick(T0 + 8, [proc(7, T0 + 8)], titled), T0 + 8)  # the poller's next reading
+    assert m.snapshot(T0 + 8).master.timeout == 10.0
 
 
 def test_request_that_began_before_attach_is_stuck_with_its_true_age() -> None:
