@@ -138,9 +138,7 @@ class Model:
             if dg.gunicorn is not None and dg.gunicorn != self._gunicorn:
                 self._gunicorn = dg.gunicorn
                 if self._tick is not None:
-                    self._tick = self._with_settings(self._tick)
-                    self._long_s = self.cfg.timeout_kill_fraction \
-                        * self._tick.config.effective_timeout
+                    self._keep_tick(self._with_settings(self._tick))
             last_done = w.last_done
             fresh: Dict[int, List[InFlight]] = {}
             n = 0
@@ -505,6 +503,10 @@ class Model:
                          max_requests=g.max_requests or None)
         return replace(tick, config=config)
 
+    def _keep_tick(self, tick: TopologyTick) -> None:
+        self._tick = tick
+        self._long_s = self.cfg.timeout_kill_fraction * tick.config.effective_timeout
+
     def _topology(self, tick: TopologyTick, now: float) -> None:
         tick = self._with_settings(tick)
         first = self._tick is None
@@ -535,8 +537,7 @@ class Model:
                                 tick.config.effective_timeout, tick.config.max_requests,
                                 tick.config.workers)
         self._count = len(live)
-        self._tick = tick
-        self._long_s = cfg.timeout_kill_fraction * tick.config.effective_timeout
+        self._keep_tick(tick)
         if self._held:
             held, self._held = self._held, deque()
             for dg, t in held:

@@ -375,12 +375,10 @@ def read_config(pid: int) -> Tuple[GunicornConfig, Optional[str]]:
     ``WEB_CONCURRENCY``) and the config file named by ``-c`` or ``gunicorn.conf.py`` in
     the master's working directory. Never raises for a live or dead pid.
     """
-    argv = cmdline(pid)
     try:
         proc = psutil.Process(pid)
+        argv = _argv(proc)
     except psutil.Error:
-        return GunicornConfig(), None
-    if argv is None:
         return GunicornConfig(), None
     try:
         environ: Mapping[str, str] = proc.environ()
@@ -540,13 +538,18 @@ def new_master_verdict(child: int, parent: int) -> Optional[bool]:
 
 
 def cmdline(pid: int) -> Optional[List[str]]:
-    """``pid``'s command line, or None when it cannot be read. setproctitle (gunicorn uses it
-    when installed) writes its title over the first argument and pads the rest of the old
-    command line with NULs, which read back as empty arguments: those are dropped."""
+    """``pid``'s command line (as :func:`_argv` reads it), or None when it cannot be read."""
     try:
-        argv = psutil.Process(pid).cmdline()
+        return _argv(psutil.Process(pid))
     except psutil.Error:
         return None
+
+
+def _argv(proc: psutil.Process) -> List[str]:
+    """``proc``'s command line. setproctitle (gunicorn uses it when installed) writes its
+    title over the first argument and pads the rest of the old command line with NULs, which
+    read back as empty arguments: those are dropped."""
+    argv = proc.cmdline()
     while argv and not argv[-1]:
         argv.pop()
     return argv
@@ -555,7 +558,7 @@ def cmdline(pid: int) -> Optional[List[str]]:
 def _describe(pid: int) -> str:
     try:
         p = psutil.Process(pid)
-        cmd = " ".join(cmdline(pid) or ()) or f"[{p.name()}]"
+        cmd = " ".join(_argv(p)) or f"[{p.name()}]"
     except psutil.Error:
         return "?"
     cmd = "".join(c if c.isprintable() else "?" for c in cmd)
