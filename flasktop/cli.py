@@ -53,6 +53,20 @@ def _seconds(lo: float, hi: float):
     return parse
 
 
+def _whole(lo: int, hi: int, unit: str):
+    """A whole number from ``lo`` to ``hi``, refused in one line (argparse's ``choices``
+    would list every allowed value)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number of {unit}: {text!r}") from None
+        if not (lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({lo} to {hi} {unit})")
+        return v
+    return parse
+
+
 def _beacon(text: str) -> Optional[Tuple[str, int]]:
     if text.strip().lower() == "off":
         return None
@@ -108,9 +122,9 @@ def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
     demo = argparse.ArgumentParser(prog="flasktop demo",
                                    description="Start a demo Flask app under gunicorn with a bounded "
                                                "synthetic load, and watch it.")
-    demo.add_argument("--workers", type=int, choices=range(1, 17), default=4, metavar="N",
+    demo.add_argument("--workers", type=_whole(1, 16, "workers"), default=4, metavar="N",
                       help="gunicorn workers (1-16, default 4)")
-    demo.add_argument("--timeout", type=int, choices=range(5, 301), default=20, metavar="S",
+    demo.add_argument("--timeout", type=_whole(5, 300, "seconds"), default=20, metavar="S",
                       help="gunicorn --timeout (5-300, default 20)")
     demo.add_argument("--seconds", type=_seconds(1, 3600), default=15.0,
                       help="when stdout is not a terminal: watch this long, print a report")

@@ -238,6 +238,17 @@ def test_bad_arguments_exit_2_without_traceback(args):
     assert "Traceback" not in r.stderr and r.stderr.strip()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--workers", "0"], "argument --workers: 0 is out of range (1 to 16 workers)"),
+    (["--timeout", "-5"], "argument --timeout: -5 is out of range (5 to 300 seconds)"),
+    (["--timeout", "2.5"], "argument --timeout: not a whole number of seconds: '2.5'"),
+])
+def test_bad_demo_arguments_are_one_line_and_start_nothing(args, says):
+    r = _cli("demo", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"flasktop demo: error: {says}"
+
+
 def test_a_leaking_route_is_named_and_steady_traffic_is_not(tmp_path):
     """The leak verdict on a real worker, with the fit's windows shortened to seconds (the
     default needs a minute of data): steady fast traffic first (no verdict), then a route
