@@ -32,6 +32,7 @@ from flasktop.engine import Engine
 from flasktop.model.snapshot import Snapshot
 from flasktop.protocol import Encoder
 from flasktop.report import render
+from flasktop.sources.gunicorn import cmdline
 from tests.support import Gunicorn, free_port, gunicorn, snapshot_until, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -555,9 +556,9 @@ def test_hostile_names_in_the_textual_ui_and_json(hostile):
 
 
 def test_hostile_process_title_in_the_master_listing(hostile):
-    """gunicorn --name with escapes: setproctitle is not installed, so the title is not
-    changed; the name stays in the master's command line, which flasktop prints when it
-    lists masters to pick from. That listing is one line, inert."""
+    """gunicorn --name with escapes, setproctitle hidden (the test helpers' default): the
+    title is not changed; the name stays in the master's command line, which flasktop
+    prints when it lists masters to pick from. That listing is one line, inert."""
     g, udp, folder = hostile
     with gunicorn("hostile_names_app:app", "-w", "1", env={"PYTHONPATH": str(ROOT)}, workers_expected=1):
         r = subprocess.run([sys.executable, "-m", "flasktop"], cwd=str(ROOT), capture_output=True,
@@ -566,6 +567,24 @@ def test_hostile_process_title_in_the_master_listing(hostile):
     err = r.stderr.decode("utf-8")
     assert len(err.strip().splitlines()) == 1
     assert f"{g.pid} (" in err and "pwned" in err and "[red]x" in err
+    assert _unsafe(err.strip()) == [], _unsafe(err)
+
+
+def test_hostile_process_title_set_by_setproctitle_in_the_master_listing():
+    """The same --name where setproctitle retitles the processes: the name is then in the
+    title itself (``gunicorn: master [name]``), the whole of what flasktop can read."""
+    env = {"PYTHONPATH": str(ROOT)}
+    with gunicorn("hostile_names_app:app", "-w", "1", "--name", PROC_NAME, env=env,
+                  workers_expected=1, titled=True) as g, \
+            gunicorn("hostile_names_app:app", "-w", "1", env=env, workers_expected=1):
+        wait_until(lambda: (cmdline(g.pid) or [""])[0].startswith("gunicorn: master ["),
+                   timeout=10, message="gunicorn to retitle its master")
+        r = subprocess.run([sys.executable, "-m", "flasktop"], cwd=str(ROOT), capture_output=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+    assert r.returncode == 2 and r.stdout == b""
+    err = r.stderr.decode("utf-8")
+    assert len(err.strip().splitlines()) == 1
+    assert f"{g.pid} (gunicorn: master [" in err and "pwned" in err and "[red]x" in err
     assert _unsafe(err.strip()) == [], _unsafe(err)
 
 
