@@ -39,7 +39,8 @@ def render(snap: Snapshot, width: int = 100) -> str:
         conf = "?" if m.workers is None else str(m.workers)
         state = "" if m.alive else "  (MASTER EXITED: last data shown)"
         out.append(f"gunicorn master {m.pid}: {sanitize(m.worker_class)}, {alive}/{conf} workers, "
-                   f"timeout {m.timeout:.0f}s{'?' if m.timeout_assumed else ''}, "
+                   f"timeout {f'{m.timeout:.0f}s' if m.timeout > 0 else 'none'}"
+                   f"{'?' if m.timeout_assumed else ''}, "
                    f"watched {snap.attached_s:.1f}s{state}")
         if m.timeout_assumed:
             out.append(f"  timeout {m.timeout:.0f}s is gunicorn's default, assumed: the master's process "

@@ -35,6 +35,12 @@ from flasktop.protocol import (
 )
 
 T = TypeVar("T")
+
+
+def _judged(timeout: float) -> float:
+    """The timeout stuck workers and timeout kills are judged against: gunicorn's 0 means
+    none (it never kills a silent worker), so nothing is past it."""
+    return timeout if timeout > 0 else math.inf
 UNNAMED = (UNMATCHED, PENDING)
 _AGGREGATE_KINDS = frozenset((KIND_AGGREGATES, KIND_DURATIONS, KIND_HIGH_BYTES))  # decoded as rows
 NO_ROUTE = "<no beacon>"  # the route of a request seen only in a stack
@@ -492,20 +498,17 @@ class Model:
     def _with_settings(self, tick: TopologyTick) -> TopologyTick:
         """``tick`` with the settings a worker's beacon reported in place of what was read
         from the master: those are what gunicorn runs, where the command line may be a
-        process title and the config file may compute its values. A timeout of 0 (none)
-        is left to what was read."""
+        process title and the config file may compute its values."""
         g = self._gunicorn
         if g is None:
             return tick
-        c = tick.config
-        config = replace(c, timeout=g.timeout if g.timeout > 0 else c.timeout,
-                         workers=g.workers, threads=g.threads, worker_class=g.worker_class,
-                         max_requests=g.max_requests or None)
+        config = replace(tick.config, timeout=g.timeout, workers=g.workers, threads=g.threads,
+                         worker_class=g.worker_class, max_requests=g.max_requests or None)
         return replace(tick, config=config)
 
     def _keep_tick(self, tick: TopologyTick) -> None:
         self._tick = tick
-        self._long_s = self.cfg.timeout_kill_fraction * tick.config.effective_timeout
+        self._long_s = self.cfg.timeout_kill_fraction * _judged(tick.config.effective_timeout)
 
     def _topology(self, tick: TopologyTick, now: float) -> None:
         tick = self._with_settings(tick)
@@ -534,8 +537,8 @@ class Model:
         self._churn.master(tick.t, tick.master_pid, tick.master_alive, tick.new_master_pid)
         if not first:
             self._churn.observe(tick.t, self._count, len(live), arrivals, departures,
-                                tick.config.effective_timeout, tick.config.max_requests,
-                                tick.config.workers)
+                                _judged(tick.config.effective_timeout),
+                                tick.config.max_requests, tick.config.workers)
         self._count = len(live)
         self._keep_tick(tick)
         if self._held:
@@ -706,7 +709,7 @@ class Model:
         """The picture at ``now``. Reading changes nothing the next feed would see."""
         cfg = self.cfg
         tick = self._tick
-        timeout = tick.config.effective_timeout if tick is not None else 30.0
+        timeout = _judged(tick.config.effective_timeout if tick is not None else 30.0)
         epoch = math.floor(now / self._slot_s)
         span = max(1.0, min(now - (epoch - self._nslots + 1) * self._slot_s, now - self.start))
 
@@ -923,8 +926,10 @@ class Model:
             if age >= cfg.stuck_timeout_fraction * timeout:
                 return STUCK, age, f"over half the timeout ({timeout:.0f} s)"
             p95 = usual.get((oldest.route, oldest.method)) if oldest.source == "beacon" else None
-            if p95 is not None and age >= cfg.stuck_p95_multiple * p95 \
-                    and age >= max(cfg.stuck_floor_min_s, cfg.stuck_floor_fraction * timeout):
+            floor = cfg.stuck_floor_min_s
+            if math.isfinite(timeout):
+                floor = max(floor, cfg.stuck_floor_fraction * timeout)
+            if p95 is not None and age >= cfg.stuck_p95_multiple * p95 and age >= floor:
                 return STUCK, age, (f"{age / max(p95, 1e-9):.0f}x the route's usual p95 "
                                     f"({p95 * 1000:.0f} ms)")
         hb = ps.heartbeat_age_s if ps is not None else None

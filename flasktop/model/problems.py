@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -158,7 +159,7 @@ class Judge:
         v = w.in_flight
         age = w.stuck_for_s or 0.0
         where = f", in {w.stack[0]}" if w.stack else ""
-        vs = f" (timeout {self.timeout:.0f} s)"
+        vs = f" (timeout {self.timeout:.0f} s)" if math.isfinite(self.timeout) else " (no timeout)"
         if v is None:
             text = f"worker {w.pid} stuck: {note.stuck_why or 'no heartbeat'}{where}"
             return Problem("stuck_worker", SEV_STUCK, text, pid=w.pid)

@@ -101,7 +101,7 @@ def header_text(snap: Optional[Snapshot], *, paused: bool, pending: int, attachi
     short = configured is not None and alive < configured
     out.append(f"{alive}/{configured if configured is not None else '?'}", "bold red" if short else "bold")
     if m is not None:
-        out.append(f"  timeout {fmt_duration(m.timeout)}")
+        out.append(f"  timeout {fmt_duration(m.timeout) if m.timeout > 0 else 'none'}")
         if m.timeout_assumed:  # gunicorn's default: its process title hides the arguments
             out.append("?", "bold yellow")
     out.append("  ")
@@ -268,7 +268,7 @@ class StuckTable(KeyedTable):
     def cells(self, w: WorkerView, widths: Dict[str, int]) -> List[Text]:
         elapsed, lower_bound = stuck_elapsed(w)
         limit = self.timeout
-        near = elapsed is not None and limit is not None and elapsed >= 0.8 * limit
+        near = elapsed is not None and bool(limit) and elapsed >= 0.8 * limit  # 0: none
         when = ("≥" if lower_bound else "") + fmt_duration(elapsed)
         if limit:
             when += f" / {fmt_duration(limit)}"

@@ -72,6 +72,28 @@ def test_the_beacons_gunicorn_settings_beat_a_process_title() -> None:
     assert m.snapshot(T0 + 8).master.timeout == 10.0
 
 
+def test_timeout_0_is_no_timeout_not_an_instant_one() -> None:
+    """gunicorn --timeout 0 never kills a silent worker. A long request is busy, never
+    "past half the timeout"; a hang far past its route's usual time is still stuck; and a
+    worker that exits mid-request was not killed by a timeout."""
+    m = attached(config=gconf(timeout=0))
+    m.feed(flying(7, T0 + 1, [("/export", 7, T0 + 1)]), T0 + 1)
+    assert worker(m, 7, T0 + 600).state == BUSY  # no history: nothing to call it stuck by
+    history(m, "/orders/<int:oid>", [0.01] * 40, pid=8, t=T0 + 1)
+    m.feed(tick(T0 + 1, [proc(7, T0 + 1), proc(8, T0 + 1)], gconf(timeout=0)), T0 + 1)
+    m.feed(flying(8, T0 + 2, [("/orders/<int:oid>", 8, T0 + 2)]), T0 + 2)
+    assert worker(m, 8, T0 + 3).state == BUSY
+    snap = m.snapshot(T0 + 5)
+    assert next(w for w in snap.workers if w.pid == 8).state == STUCK  # 3 s: the 2 s floor
+    [p] = [p for p in snap.problems if p.kind == "stuck_worker"]
+    assert p.pid == 8 and "(no timeout)" in p.summary
+    assert snap.master.timeout == 0.0 and not snap.master.timeout_assumed
+    for i in range(6, 12):  # worker 7 vanishes 600 s into its request
+        m.feed(tick(T0 + 600 + i, [proc(8, T0 + 600 + i)], gconf(timeout=0)), T0 + 600 + i)
+    kinds = [e.kind for e in m.snapshot(T0 + 612).events]
+    assert "exited" in kinds and "timeout_killed" not in kinds
+
+
 def test_request_that_began_before_attach_is_stuck_with_its_true_age() -> None:
     m = model()
     m.feed(flying(7, T0 + 0.5, [("/export", 7, T0 - 100)]), T0 + 0.5)  # before any tick

@@ -332,6 +332,15 @@ async def test_a_timeout_assumed_because_the_title_hides_the_arguments_is_marked
     assert "assumed" not in render(snap)
 
 
+async def test_gunicorns_timeout_0_shows_as_none() -> None:
+    from flasktop.report import render
+    snap = snapshot(0)
+    none = replace(snap, master=replace(snap.master, timeout=0.0))
+    async with running([none], size=(120, 30)) as (app, pilot, feed):
+        assert "timeout none " in await shows(pilot, ["timeout none "])
+    assert "timeout none," in render(none)
+
+
 async def test_snapshots_pushed_from_another_thread_are_shown() -> None:
     async with running([snapshot(0)]) as (app, pilot, feed):
         snap = snapshot(5)
