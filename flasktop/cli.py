@@ -41,30 +41,24 @@ def _positive_pid(text: str) -> int:
     return pid
 
 
-def _seconds(lo: float, hi: float):
+def _ranged(lo: float, hi: float, unit: str, whole: bool = False):
+    """A number from ``lo`` to ``hi`` (a whole one with ``whole``), refused in one line
+    (argparse's ``choices`` would list every allowed value)."""
+    kind = "whole number" if whole else "number"
+
     def parse(text: str) -> float:
         try:
-            v = float(text)
+            v = int(text) if whole else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not a {kind} of {unit}: {text!r}") from None
         if not (lo <= v <= hi):
-            raise argparse.ArgumentTypeError(f"{text} is out of range ({lo:g} to {hi:g} seconds)")
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({lo:g} to {hi:g} {unit})")
         return v
     return parse
 
 
-def _whole(lo: int, hi: int, unit: str):
-    """A whole number from ``lo`` to ``hi``, refused in one line (argparse's ``choices``
-    would list every allowed value)."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number of {unit}: {text!r}") from None
-        if not (lo <= v <= hi):
-            raise argparse.ArgumentTypeError(f"{text} is out of range ({lo} to {hi} {unit})")
-        return v
-    return parse
+def _seconds(lo: float, hi: float):
+    return _ranged(lo, hi, "seconds")
 
 
 def _beacon(text: str) -> Optional[Tuple[str, int]]:
@@ -122,10 +116,10 @@ def build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
     demo = argparse.ArgumentParser(prog="flasktop demo",
                                    description="Start a demo Flask app under gunicorn with a bounded "
                                                "synthetic load, and watch it.")
-    demo.add_argument("--workers", type=_whole(1, 16, "workers"), default=4, metavar="N",
-                      help="gunicorn workers (1-16, default 4)")
-    demo.add_argument("--timeout", type=_whole(5, 300, "seconds"), default=20, metavar="S",
-                      help="gunicorn --timeout (5-300, default 20)")
+    demo.add_argument("--workers", type=_ranged(1, 16, "workers", whole=True), default=4,
+                      metavar="N", help="gunicorn workers (1-16, default 4)")
+    demo.add_argument("--timeout", type=_ranged(5, 300, "seconds", whole=True), default=20,
+                      metavar="S", help="gunicorn --timeout (5-300, default 20)")
     demo.add_argument("--seconds", type=_seconds(1, 3600), default=15.0,
                       help="when stdout is not a terminal: watch this long, print a report")
     demo.add_argument("--json", action="store_true", help="with a non-terminal stdout: print JSON")
