@@ -243,7 +243,7 @@ def test_bad_arguments_exit_2_without_traceback(args):
     (["--timeout", "-5"], "argument --timeout: -5 is out of range (5 to 300 seconds)"),
     (["--timeout", "2.5"], "argument --timeout: not a whole number of seconds: '2.5'"),
 ])
-def test_bad_demo_arguments_are_one_line_and_start_nothing(args, says):
+def test_bad_demo_arguments_are_one_line(args, says):
     r = _cli("demo", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"flasktop demo: error: {says}"
