@@ -136,6 +136,19 @@ def test_gevent_worker_keys_in_flight_requests_by_request(tmp_path: Path) -> Non
                 GunicornSettings(30.0, 1, 1, 0, "gevent")}
 
 
+def test_a_worker_sends_its_heartbeat_and_settings_from_boot() -> None:
+    """Beacon(app), loaded in each worker: the heartbeat starts with the worker, so a
+    flasktop attached to an idle app hears every worker and gunicorn's settings at once."""
+    with Receiver() as rx, gunicorn("beacon_app:app", "-w", "2", "-t", "9", workers_expected=2,
+                                    env={"FLASKTOP_BEACON": rx.address}) as g:
+        workers = set(g.worker_pids())
+        rx.wait(lambda r: {d.pid for d in r.datagrams() if d.kind == "f"} >= workers,
+                message="a heartbeat from each worker, before any request")
+        beats = rx.datagrams()
+        assert {d.kind for d in beats} == {"f"} and {d.pid for d in beats} == workers
+        assert {d.gunicorn for d in beats} == {GunicornSettings(9.0, 2, 1, 0, "sync")}
+
+
 def test_the_gunicorn_hook_instruments_an_uninstrumented_app() -> None:
     with Receiver() as rx, gunicorn("beacon_plain:app", "-c", HOOK, "-w", "1", "-t", "17",
                                     "--max-requests", "900", workers_expected=1,

@@ -6,7 +6,8 @@ append it to :attr:`Reporter.started` when the request begins and stamp its end 
 the server closes the response. Everything else happens on the flusher thread: it takes
 the lanes' ended requests, moves records to its own in-flight table, notices which have
 ended, reads the matched rule, parses the status, finds the size, clips labels, counts
-busy flushes in aggregates, encodes and sends. The flusher is started lazily and
+busy flushes in aggregates, encodes and sends. The flusher starts with a gunicorn worker
+(the beacon sees it on the stack that loads the app), else with the first request, and is
 re-created after fork.
 """
 
@@ -916,32 +917,46 @@ def reporter_for(address: str) -> Optional[Reporter]:
         if rep is None:
             rep = _reporters[key] = Reporter(target)
         if rep.gunicorn is None:
-            rep.gunicorn = gunicorn_settings()
+            cfg, in_worker = _gunicorn_on_stack()
+            if cfg is not None:
+                rep.gunicorn = gunicorn_settings(cfg)
+                if in_worker:  # the heartbeat from boot, not from the first request
+                    rep.start()
         return rep
 
 
-def gunicorn_settings(cfg: Any = None) -> Optional[tuple]:
-    """gunicorn's settings (``protocol.gunicorn_fields``) from its config object ``cfg``, or
-    found on the calling stack: the beacon is made while gunicorn loads the app, in a worker
-    (``Worker.load_wsgi``) or, with ``--preload``, in the master (``Arbiter.setup``), and
-    those frames' ``self`` holds ``cfg``. None outside gunicorn. Never raises.
+def _gunicorn_on_stack() -> Tuple[Any, bool]:
+    """gunicorn's config object, found on the calling stack, and whether this is a worker.
+
+    The beacon is made while gunicorn loads the app: in a worker (``Worker.load_wsgi``) or,
+    with ``--preload``, in the master (``Arbiter.setup``, where no thread of ours may start:
+    it would not survive the fork). Those frames' ``self`` holds ``cfg``. (None, False)
+    outside gunicorn. Never raises."""
+    found: Any = None
+    try:
+        frame: Any = sys._getframe(1)
+        while frame is not None:
+            if str(frame.f_globals.get("__name__", "")).startswith("gunicorn."):
+                own = frame.f_locals.get("self")
+                cfg = getattr(own, "cfg", None) if own is not None else None
+                if type(cfg).__module__ == "gunicorn.config":
+                    if type(own).__module__.startswith("gunicorn.workers."):
+                        return cfg, True  # a worker's frame: below it, the app being loaded
+                    found = found or cfg  # the application's or the arbiter's: look on
+            frame = frame.f_back
+    except Exception:  # noqa: BLE001
+        pass
+    return found, False
+
+
+def gunicorn_settings(cfg: Any) -> Optional[tuple]:
+    """gunicorn's settings (``protocol.gunicorn_fields``) from its config object, or None.
+    Never raises.
 
     flasktop reads the same settings from the master's command line, its environment and
     its config file, but cannot where setproctitle has overwritten the first two (it does
     whenever it is installed) or where the file computes them; this is what gunicorn runs."""
     try:
-        if cfg is None:
-            frame = sys._getframe(1)
-            while frame is not None:
-                if str(frame.f_globals.get("__name__", "")).startswith("gunicorn."):
-                    own = frame.f_locals.get("self")
-                    found = getattr(own, "cfg", None) if own is not None else None
-                    if type(found).__module__ == "gunicorn.config":
-                        cfg = found
-                        break
-                frame = frame.f_back
-            if cfg is None:
-                return None
         return protocol.gunicorn_fields(cfg.timeout, cfg.workers, cfg.threads,
                                         cfg.max_requests, cfg.worker_class_str)
     except Exception:  # noqa: BLE001 - not gunicorn's config after all: nothing to send
