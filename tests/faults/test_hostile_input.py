@@ -555,19 +555,26 @@ def test_hostile_names_in_the_textual_ui_and_json(hostile):
     assert any(f.startswith(names.FUNC_NAME + " (" + names.FILE_NAME) for f in frames), frames
 
 
+def _master_listing() -> str:
+    """What ``flasktop`` with no pid says when it finds several masters: exit 2, nothing on
+    stdout, one inert line on stderr."""
+    r = subprocess.run([sys.executable, "-m", "flasktop"], cwd=str(ROOT), capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+    assert r.returncode == 2 and r.stdout == b""
+    err = r.stderr.decode("utf-8")
+    assert len(err.strip().splitlines()) == 1
+    assert _unsafe(err.strip()) == [], _unsafe(err)
+    return err
+
+
 def test_hostile_process_title_in_the_master_listing(hostile):
     """gunicorn --name with escapes, setproctitle hidden (the test helpers' default): the
     title is not changed; the name stays in the master's command line, which flasktop
     prints when it lists masters to pick from. That listing is one line, inert."""
     g, udp, folder = hostile
     with gunicorn("hostile_names_app:app", "-w", "1", env={"PYTHONPATH": str(ROOT)}, workers_expected=1):
-        r = subprocess.run([sys.executable, "-m", "flasktop"], cwd=str(ROOT), capture_output=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
-    assert r.returncode == 2 and r.stdout == b""
-    err = r.stderr.decode("utf-8")
-    assert len(err.strip().splitlines()) == 1
+        err = _master_listing()
     assert f"{g.pid} (" in err and "pwned" in err and "[red]x" in err
-    assert _unsafe(err.strip()) == [], _unsafe(err)
 
 
 def test_hostile_process_title_set_by_setproctitle_in_the_master_listing():
@@ -579,13 +586,8 @@ def test_hostile_process_title_set_by_setproctitle_in_the_master_listing():
             gunicorn("hostile_names_app:app", "-w", "1", env=env, workers_expected=1):
         wait_until(lambda: (cmdline(g.pid) or [""])[0].startswith("gunicorn: master ["),
                    timeout=10, message="gunicorn to retitle its master")
-        r = subprocess.run([sys.executable, "-m", "flasktop"], cwd=str(ROOT), capture_output=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
-    assert r.returncode == 2 and r.stdout == b""
-    err = r.stderr.decode("utf-8")
-    assert len(err.strip().splitlines()) == 1
+        err = _master_listing()
     assert f"{g.pid} (gunicorn: master [" in err and "pwned" in err and "[red]x" in err
-    assert _unsafe(err.strip()) == [], _unsafe(err)
 
 
 INVISIBLE = ("/admin\U000e0041\U000e0042", "/soft\u00adhyphen", "/mongolian\u180evowel", "/alm\u061c")
