@@ -500,8 +500,6 @@ def test_a_broken_beacon_degrades_to_pass_through(rx: Receiver) -> None:
     try:
         assert _responses(app) == expected  # the slow path's queue is gone
         beacon.hook.tls.lane = _Broken()  # ... and the fast path's lane
-        if beacon.hook.lane_var is not None:
-            beacon.hook.lane_var.set(_Broken())
         assert _responses(app) == expected
         assert _responses(app) == expected
         mw = BeaconMiddleware(create_app(), address=rx.address)
@@ -509,8 +507,6 @@ def test_a_broken_beacon_degrades_to_pass_through(rx: Receiver) -> None:
     finally:
         reporter.started = started
         beacon.hook.tls.lane = lane
-        if beacon.hook.lane_var is not None:
-            beacon.hook.lane_var.set(lane)
 
 
 def test_flusher_failures_are_logged_once_and_never_reach_the_app(rx: Receiver, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -580,9 +576,9 @@ def test_threads_serving_while_the_flusher_drains_lose_no_request_and_count_none
 
 
 def test_a_context_copied_to_another_thread_does_not_lend_it_the_first_threads_lane(rx: Receiver) -> None:
-    """The request path finds its lane in a ContextVar. A thread that runs a copy of a
-    context in which another thread served a request (contextvars.copy_context(), as
-    asyncio.to_thread does) must still report its requests as its own thread's."""
+    """A thread that runs a copy of a context in which another thread served a request
+    (contextvars.copy_context(), as asyncio.to_thread does) must still report its requests
+    as its own thread's: a lane is found per thread, never through the context."""
     app, beacon = beacon_app(rx.address)
     call(app, "/")  # this thread's lane, in this thread's context
     copied = contextvars.copy_context()

@@ -29,8 +29,7 @@ from __future__ import annotations
 import copyreg
 import sys
 import threading
-from contextvars import ContextVar
-from functools import partial, wraps
+from functools import wraps
 from threading import get_ident, get_native_id
 from time import perf_counter
 from typing import Any, Callable, Dict, List, Optional
@@ -58,6 +57,18 @@ class Lane:
         self.tid = get_native_id()
         self.ident = get_ident()
         self.thread = threading.current_thread()
+
+
+class _OffLane:
+    """What a request on the slow path has in its environ for a lane: never its own."""
+
+    __slots__ = ()
+    environ = _STALE
+
+
+_OFF_LANE = _OffLane()
+LANE_KEY = "flasktop.lane"  # the environ key of the lane a request opened (its literal is
+#                            # in request_context and __call__: a global is one load more)
 
 
 class _NoLane:
@@ -117,19 +128,12 @@ class FlaskHook:
     def __init__(self, app: Any, reporter: Reporter) -> None:
         self.app = app
         self.reporter = reporter
+        # Each thread's lane lives in a thread-local, looked up once a request, when the
+        # request begins; the request's environ then carries it (LANE_KEY) to __call__.
+        # A per-thread lookup costs what a thread's identity costs, about 0.3 us a request
+        # in place (docs/benchmarks.md), so there is exactly one; a ContextVar would need a
+        # second, as a context copied to another thread brings the first thread's value.
         self.tls = _thread_local()
-        # The request path finds its thread's lane in a ContextVar: Flask reads its own
-        # ContextVars several times a request, so ContextVar.get() is code the CPU has at
-        # hand, where threading.local's lookup is not (measured: about 0.1 us a request
-        # less). A context copied to another thread brings that thread's lane along, so
-        # request_context() checks the lane's thread and falls back to the thread-local,
-        # which stays the lane's owner. Under gevent every greenlet has a context of its
-        # own; there the thread-local alone is used, as before.
-        self.lane_var: Optional[ContextVar] = None if _gevent_patched() else ContextVar(
-            "flasktop_lane", default=None)
-        # The current context's lane, or None: the request path's one lookup
-        self._lane_of: Callable[[], Any] = (self.lane_var.get if self.lane_var is not None
-                                            else partial(getattr, self.tls, "lane", None))
         _middleware._find_closing()
         self._closing = _middleware._CLOSING
         contexts = _contexts_of(type(app))
@@ -154,9 +158,8 @@ class FlaskHook:
         app = self.app
         make_ctx = self._make_ctx
         busy = self._busy
-        lane_of = self._lane_of
+        tls = self.tls
         thread_lane = self._thread_lane
-        check_thread = self.lane_var is not None  # a copied context may bring another's lane
 
         def request_context(self: Any, environ: Dict[str, Any]) -> Any:
             if self is not app:
@@ -164,12 +167,14 @@ class FlaskHook:
             t0 = perf_counter()
             ctx = make_ctx(app, environ)
             try:
-                lane = lane_of()
-                if lane is None or check_thread and lane.ident != get_ident():
-                    lane = thread_lane()  # this context's first request on this thread
+                try:
+                    lane = tls.lane
+                except AttributeError:
+                    lane = thread_lane()  # this thread's first request
                 if lane.environ is None:
                     lane.t0 = t0
                     lane.environ = environ
+                    environ["flasktop.lane"] = lane  # LANE_KEY, for __call__
                 else:
                     busy(lane, environ, t0)
             except Exception:  # noqa: BLE001 - a broken beacon: the request goes unreported
@@ -179,19 +184,14 @@ class FlaskHook:
         return request_context
 
     def _thread_lane(self) -> Any:
-        """This thread's lane, from the thread-local (made on its first request), and
-        remembered in the current context."""
+        """This thread's lane, made on its first request."""
         try:
-            lane = self.tls.lane
+            return self.tls.lane
         except AttributeError:
             lane = self.tls.lane = self._new_lane()
-        if self.lane_var is not None:
-            self.lane_var.set(lane)
-        return lane
+            return lane
 
     def _subclass(self, base: type) -> type:
-        # None, or a lane another thread's request left open, sends __call__ to the rare path
-        lane_of = self._lane_of
         closing = self._closing
         groups = self.reporter.groups
         pack = QUAD.pack
@@ -206,7 +206,9 @@ class FlaskHook:
                 app_iter, status, headers = self.get_wsgi_response(environ)
                 start_response(status, headers)
                 try:
-                    lane = lane_of()
+                    # the lane this request opened: not its own (another request's, or
+                    # _OFF_LANE: the slow path) or none (KeyError) sends it to the rare path
+                    lane = environ["flasktop.lane"]  # LANE_KEY
                     if lane.environ is environ and type(app_iter) is closing:
                         name, value = headers[len(headers) - 1]  # [-1] is not specialized
                         if name == "Content-Length":
@@ -345,6 +347,7 @@ class FlaskHook:
             if lane.environ is None:
                 lane.t0 = t0
                 lane.environ = environ
+                environ[LANE_KEY] = lane
                 return
             self._slow_start(environ, t0)  # nested, or greenlets sharing the thread
         except Exception:  # noqa: BLE001
@@ -385,6 +388,7 @@ class FlaskHook:
         if not rep.running:
             rep.start()
         environ["flasktop.rec"] = rec
+        environ[LANE_KEY] = _OFF_LANE  # __call__ then takes the rare path without a KeyError
 
     def _rare_response(self, response: Any, environ: Dict[str, Any], app_iter: Any,
                        status: str, headers: Any) -> Any:
