@@ -27,13 +27,19 @@ The beacon is heard by flasktop's own listener (``--receiver flasktop``), in a p
 its own, which reads on a 25 ms timer; ``--receiver recv`` is a receiver asleep in recv(),
 which every datagram must wake: what an app pays when whatever listens is built that way.
 
+The variants are made in a random order, each after a random amount of padding
+(``--layout random``, see ``layout_draw``): made in a fixed order, each got the same
+memory layout in every process, and so a fixed bias of a few tenths of a microsecond that
+no number of processes averages out.
+
 Part 2, through gunicorn: the same app under a real gunicorn (sync, one worker), bare
 and with the beacon (heard by the same receiver), a bounded number of loopback requests
 from a couple of client threads, alternating. Figures are printed, nothing is asserted.
 
     .venv/bin/python bench/beacon_overhead.py [--rounds 21] [--requests 20000] [--block 0]
                                               [--http 2000] [--receiver flasktop]
-                                              [--procs 1] [--flush-interval S]
+                                              [--procs 1] [--layout random] [--seed N]
+                                              [--flush-interval S]
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -170,31 +177,73 @@ class Drain:
             self.proc.wait()
 
 
-def make_variants(listen_port: int) -> Dict[str, Tuple[Any, Callable[[], object], Callable[[], Any]]]:
-    """name -> (wsgi callable, end-of-round flush run on the serving thread, the variant's
-    background thread or None)."""
-    none: Callable[[], Any] = lambda: None  # noqa: E731
-    out: Dict[str, Tuple[Any, Callable[[], object], Callable[[], Any]]] = {
-        BARE: (hello_app(), lambda: None, none)}
-    clock = hello_app()
-    clock.wsgi_app = ClockOnly(clock.wsgi_app)  # type: ignore[method-assign]
-    out[CLOCK] = (clock, lambda: None, none)
-    quiet = hello_app()
-    b_quiet = Beacon(quiet, address=f"127.0.0.1:{free_udp_port()}")
-    out[QUIET] = (quiet, lambda: flush_on_flusher(b_quiet), lambda: b_quiet.reporter.thread)
-    heard = hello_app()
-    b_heard = Beacon(heard, address=f"127.0.0.1:{listen_port}")
-    out[HEARD] = (heard, lambda: flush_on_flusher(b_heard), lambda: b_heard.reporter.thread)
-    try:
-        from prometheus_client import CollectorRegistry
-        from prometheus_flask_exporter import PrometheusMetrics
+Variant = Tuple[Any, Callable[[], object], Callable[[], Any]]
+_PADDING: List[Any] = []  # what layout_draw() allocated, kept alive for the whole run
 
-        prom = hello_app()
-        PrometheusMetrics(prom, registry=CollectorRegistry(), group_by="url_rule")
-        out[PROM] = (prom, lambda: None, none)
-    except ImportError:
-        print("(prometheus_flask_exporter is not installed: that variant is skipped)")
-    return out
+
+def layout_draw(rng: random.Random) -> None:
+    """Move where the next objects land, and which type version tags the next classes get.
+
+    Where an app's objects sit in memory, and which version tags its classes draw (CPython's
+    type attribute cache is indexed by tag and name), moves its request path by a fraction
+    of a microsecond. Both follow from the order of allocation, so without this each variant
+    got the same draw in every process: the beacon made in the third place instead of the
+    fourth was 0.2 us a request slower, in process after process (docs/benchmarks.md). A
+    random amount of padding of assorted sizes, and of classes that take a tag, before each
+    variant makes each process a fresh draw, which the median over processes averages."""
+    _PADDING.append([bytearray(rng.randrange(1, 600)) for _ in range(rng.randrange(200))])
+    _PADDING.append([{} for _ in range(rng.randrange(50))])
+    _PADDING.append([object() for _ in range(rng.randrange(200))])
+    for _ in range(rng.randrange(64)):
+        pad = type("Pad", (), {})
+        getattr(pad, "__flasktop_pad__", None)  # a lookup assigns the class its tag
+        _PADDING.append(pad)
+
+
+def make_variants(listen_port: int, rng: Optional[random.Random] = None) -> Dict[str, Variant]:
+    """name -> (wsgi callable, end-of-round flush run on the serving thread, the variant's
+    background thread or None). With ``rng`` the variants are made in a random order, each
+    after a ``layout_draw``."""
+    none: Callable[[], Any] = lambda: None  # noqa: E731
+
+    def bare() -> Variant:
+        return hello_app(), lambda: None, none
+
+    def clock() -> Variant:
+        app = hello_app()
+        app.wsgi_app = ClockOnly(app.wsgi_app)  # type: ignore[method-assign]
+        return app, lambda: None, none
+
+    def beacon(address: str) -> Callable[[], Variant]:
+        def make() -> Variant:
+            app = hello_app()
+            b = Beacon(app, address=address)
+            return app, lambda: flush_on_flusher(b), lambda: b.reporter.thread
+        return make
+
+    def prom() -> Optional[Variant]:
+        try:
+            from prometheus_client import CollectorRegistry
+            from prometheus_flask_exporter import PrometheusMetrics
+        except ImportError:
+            print("(prometheus_flask_exporter is not installed: that variant is skipped)")
+            return None
+        app = hello_app()
+        PrometheusMetrics(app, registry=CollectorRegistry(), group_by="url_rule")
+        return app, lambda: None, none
+
+    makers: Dict[str, Callable[[], Optional[Variant]]] = {
+        BARE: bare, CLOCK: clock, QUIET: beacon(f"127.0.0.1:{free_udp_port()}"),
+        HEARD: beacon(f"127.0.0.1:{listen_port}"), PROM: prom}
+    order = list(makers)
+    if rng is not None:
+        rng.shuffle(order)
+    made: Dict[str, Optional[Variant]] = {}
+    for name in order:
+        if rng is not None:
+            layout_draw(rng)
+        made[name] = makers[name]()
+    return {name: v for name in makers for v in [made[name]] if v is not None}
 
 
 def flush_on_flusher(beacon: Any, timeout: float = 5.0) -> None:
@@ -242,7 +291,8 @@ def run_block(app: Any, base: Dict[str, Any], n: int, lat: Optional[List[float]]
     return time.thread_time() - c0
 
 
-def in_process(rounds: int, n: int, block: int, receiver: str = "flasktop") -> Dict[str, Any]:
+def in_process(rounds: int, n: int, block: int, receiver: str = "flasktop",
+               seed: Optional[int] = None) -> Dict[str, Any]:
     """Each round serves ``n`` requests of every variant, the order rotating each round.
 
     With ``block`` 0 (or >= n) a variant serves its ``n`` in one turn, at full rate as a busy
@@ -258,7 +308,7 @@ def in_process(rounds: int, n: int, block: int, receiver: str = "flasktop") -> D
     ms) find a few hundred requests each, where a busy worker's find thousands."""
     block = n if block <= 0 or block >= n else block
     with Drain(receiver) as drain:
-        variants = make_variants(drain.port)
+        variants = make_variants(drain.port, None if seed is None else random.Random(seed))
         base = hello_environ()
         names = list(variants)
         for name in names:  # warm up, and let the quiet beacon learn nobody listens
@@ -290,7 +340,9 @@ def in_process(rounds: int, n: int, block: int, receiver: str = "flasktop") -> D
                 bg = flusher_cpu(name) - round0[name]
                 cpu[name].append((serve[name] + bg) / n)
                 other[name].append(bg / n)
-    return report_in_process(cpu, lat, other, rounds, n, block, receiver)
+    figures = report_in_process(cpu, lat, other, rounds, n, block, receiver)
+    figures["seed"] = seed
+    return figures
 
 
 def report_in_process(cpu: Dict[str, List[float]], lat: Dict[str, List[float]],
@@ -336,17 +388,21 @@ JSON_MARK = "FIGURES "
 def across_processes(procs: int, args: argparse.Namespace) -> None:
     """The in-process part in ``procs`` fresh processes, one after another.
 
-    Within one process the figures are steady, across processes they are not: each
-    process lays out its code and objects in memory afresh, and that alone moves the same
-    request path by a fraction of a microsecond either way (docs/benchmarks.md). A single
-    process's figure is one draw of that layout; the median over processes is the figure
-    a fleet of workers sees."""
+    Within one process the figures are steady, across processes they are not: where a
+    process's objects land in memory moves the same request path by a fraction of a
+    microsecond either way (docs/benchmarks.md). With ``--layout random`` (the default)
+    each process is a fresh draw of that layout (``layout_draw``); a single process's
+    figure is one draw, and the median over processes the cost over layouts. With
+    ``--layout fixed`` every process gets nearly the same draw, which is steadier and
+    biased by however lucky that draw is for each variant."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rounds", str(args.rounds),
            "--requests", str(args.requests), "--block", str(args.block), "--http", "0",
+           "--layout", args.layout,
            "--receiver", args.receiver, "--json"]
     if args.flush_interval is not None:
         cmd += ["--flush-interval", str(args.flush_interval)]
     runs: List[Dict[str, Any]] = []
+    seeds: List[Any] = []
     print(f"{procs} processes of {args.rounds} rounds x {args.requests} requests, in turns of "
           f"{args.block or args.requests}, heard by the {args.receiver!r} receiver "
           f"(load {os.getloadavg()[0]:.1f} at the start)")
@@ -362,6 +418,7 @@ def across_processes(procs: int, args: argparse.Namespace) -> None:
         f = json.loads(lines[-1][len(JSON_MARK):])
         runs.append(f)
         a, lat, fl, bare = f["added"], f["latency"], f["flusher"], f["bare_cpu"]
+        seeds.append(f.get("seed"))
         print(f"{i + 1:>4} {bare:>8.2f} | {a[CLOCK] / bare * 100:>+9.1f}% | "
               f"{a[QUIET] / bare * 100:>+8.1f}% {lat[QUIET]:>+6.2f} {fl[QUIET]:>6.2f} | "
               f"{a[HEARD] / bare * 100:>+8.1f}% {lat[HEARD]:>+6.2f} {fl[HEARD]:>6.2f} | "
@@ -384,7 +441,9 @@ def across_processes(procs: int, args: argparse.Namespace) -> None:
 
         print(f"{name:<27} {mm(added):>16} {mm(pct):>16} {mm(comp):>16} {mm(prom):>16} "
               f"{met:>4} of {len(runs)}")
-    print("(median over processes, mean in brackets)")
+    print("(median over processes, mean in brackets"
+          + (f"; layout seeds {', '.join(map(str, seeds))})" if any(s is not None for s in seeds)
+             else "; layout fixed)"))
 
 
 # ---------------------------------------------------------------------------
@@ -539,6 +598,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--procs", type=int, default=1,
                    help="run the in-process part in this many fresh processes, one after "
                         "another, and summarise across them (see across_processes)")
+    p.add_argument("--layout", choices=("random", "fixed"), default="random",
+                   help="random (default): make the variants in a random order, each after "
+                        "a random amount of padding, a fresh draw of the memory layout per "
+                        "process; fixed: in the listed order, the same draw every time "
+                        "(see layout_draw)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the random layout's seed (default: a new one, printed)")
     p.add_argument("--flush-interval", type=float, default=None,
                    help="the beacon's flush interval, seconds (default: the beacon's own)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
@@ -549,8 +615,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.procs > 1:
         across_processes(args.procs, args)
     else:
+        seed = None
+        if args.layout == "random":
+            seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+            print(f"(layout seed {seed})")
         figures = in_process(max(2, args.rounds), max(100, args.requests), max(0, args.block),
-                             args.receiver)
+                             args.receiver, seed)
         if args.json:
             print(JSON_MARK + json.dumps(figures), flush=True)
     if args.http > 0:
