@@ -184,12 +184,9 @@ class FlaskHook:
         return request_context
 
     def _thread_lane(self) -> Any:
-        """This thread's lane, made on its first request."""
-        try:
-            return self.tls.lane
-        except AttributeError:
-            lane = self.tls.lane = self._new_lane()
-            return lane
+        """Make this thread's lane: its first request found none in the thread-local."""
+        lane = self.tls.lane = self._new_lane()
+        return lane
 
     def _subclass(self, base: type) -> type:
         closing = self._closing
