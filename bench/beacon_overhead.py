@@ -243,7 +243,7 @@ def make_variants(listen_port: int, rng: Optional[random.Random] = None) -> Dict
         if rng is not None:
             layout_draw(rng)
         made[name] = makers[name]()
-    return {name: v for name in makers for v in [made[name]] if v is not None}
+    return {name: made[name] for name in makers if made[name] is not None}
 
 
 def flush_on_flusher(beacon: Any, timeout: float = 5.0) -> None:
