@@ -16,6 +16,11 @@ def kinds(m, now: float) -> List[str]:
     return [e.kind for e in m.snapshot(now).events]
 
 
+def problems(m, now: float, kind: str) -> list:
+    """The snapshot's problems of ``kind`` at ``now``."""
+    return [p for p in m.snapshot(now).problems if p.kind == kind]
+
+
 def test_workers_present_at_attach_are_not_started_events() -> None:
     m = model()
     for i in range(10):
@@ -39,10 +44,10 @@ def test_timeout_kill_carries_the_route_and_the_last_stack() -> None:
     assert kill.pid == 7 and kill.route == "/hang"
     assert kill.stack == tuple(str(f) for f in app_frames("wait_for_lock", "hang"))
     assert "wait_for_lock (app.py:10)" in kill.summary and "GET /hang" in kill.summary
-    [p] = [p for p in m.snapshot(T0 + 36).problems if p.kind == "worker_timeout"]
+    [p] = problems(m, T0 + 36, "worker_timeout")
     assert p.pid == 7 and p.route == "/hang" and "wait_for_lock (app.py:10)" in p.summary
     assert m.sizes()["workers"] == 2  # the dead worker's state is gone
-    assert not [p for p in m.snapshot(T0 + 36 + 301).problems if p.kind == "worker_timeout"]
+    assert not problems(m, T0 + 36 + 301, "worker_timeout")
 
 
 def test_stale_heartbeat_without_beacon_is_a_timeout_kill() -> None:
@@ -226,7 +231,7 @@ def test_young_workers_recycled_reloaded_and_removed_are_no_crash_loop() -> None
         run(m, T0 + i, pids, gen, cfg)
     assert kinds(m, T0 + 30) == ["recycled", "recycled", "started", "started", "reloaded",
                                  "added", "removed"]
-    assert not [p for p in m.snapshot(T0 + 30).problems if p.kind == "crash_loop"]
+    assert not problems(m, T0 + 30, "crash_loop")
 
 
 def test_workers_that_die_faster_than_the_poll_are_a_problem() -> None:
@@ -237,13 +242,13 @@ def test_workers_that_die_faster_than_the_poll_are_a_problem() -> None:
     run(m, T0 + 1, [], {}, cfg)
     for i in range(2, 5):
         run(m, T0 + i, [], {}, cfg)
-    assert not [p for p in m.snapshot(T0 + 4).problems if p.kind == "workers_down"]
+    assert not problems(m, T0 + 4, "workers_down")
     for i in range(5, 8):
         run(m, T0 + i, [], {}, cfg)
-    [p] = [p for p in m.snapshot(T0 + 7).problems if p.kind == "workers_down"]
+    [p] = problems(m, T0 + 7, "workers_down")
     assert p.severity > 90 and "0 of 2 workers alive for 6.0 s" in p.summary
     run(m, T0 + 8, [11, 12], {11: T0 + 8, 12: T0 + 8}, cfg)
-    assert not [p for p in m.snapshot(T0 + 8).problems if p.kind == "workers_down"]
+    assert not problems(m, T0 + 8, "workers_down")
 
 
 def test_no_worker_alive_is_a_problem_when_the_worker_count_is_unknown() -> None:
@@ -253,13 +258,13 @@ def test_no_worker_alive_is_a_problem_when_the_worker_count_is_unknown() -> None
     cfg = gconf(workers=None)
     for i in range(0, 5):
         run(m, T0 + i, [], {}, cfg)
-    assert not [p for p in m.snapshot(T0 + 4).problems if p.kind == "workers_down"]
+    assert not problems(m, T0 + 4, "workers_down")
     for i in range(5, 8):
         run(m, T0 + i, [], {}, cfg)
-    [p] = [p for p in m.snapshot(T0 + 7).problems if p.kind == "workers_down"]
+    [p] = problems(m, T0 + 7, "workers_down")
     assert p.severity > 90 and "no worker alive for 6.0 s" in p.summary
     run(m, T0 + 8, [11], {11: T0 + 8}, cfg)
-    assert not [p for p in m.snapshot(T0 + 8).problems if p.kind == "workers_down"]
+    assert not problems(m, T0 + 8, "workers_down")
 
 
 def test_fewer_workers_after_ttou_are_not_a_problem() -> None:
