@@ -961,6 +961,9 @@ def test_groups_are_bounded_whatever_methods_and_statuses_arrive(rx: Receiver) -
     reporter = beacon.reporter
     assert len(reporter.group_info) <= _reporter.GROUPS_CAP + 2
     assert len(reporter.groups) <= 5 * _reporter.GROUPS_CAP
+    leaves = [code for rules in reporter.routes.values() for codes in rules.values()
+              for code in codes]
+    assert len(leaves) == reporter.route_keys <= 4 * _reporter.GROUPS_CAP
     unmatched = [g for g in reporter.group_info[2:] if g[1] is None]
     assert {g[2] for g in unmatched} == {"OTHER"}
     total = 600 + 400
@@ -1004,7 +1007,7 @@ def _flush_written(rx: Receiver, durations: List[float]) -> Tuple[Beacon, List[T
     call(app, "/orders/1")
     rx.wait(lambda r: r.count() >= 1, message="the first request")
     rep = beacon.reporter
-    gk = rep.groups[(200, "/orders/<int:oid>", "GET")]
+    gk = rep.routes["GET"]["/orders/<int:oid>"][200]
     [lane] = [lane for lane in rep.lanes if lane.ident == threading.get_ident()]
     start = time.perf_counter() - 10.0  # each ended before now
     with rep.lock:

@@ -190,7 +190,7 @@ class FlaskHook:
 
     def _subclass(self, base: type) -> type:
         closing = self._closing
-        groups = self.reporter.groups
+        routes = self.reporter.routes
         pack = QUAD.pack
         sizes = _SIZES
         parse_size = _parse_size
@@ -209,11 +209,12 @@ class FlaskHook:
                     if lane.environ is environ and type(app_iter) is closing:
                         name, value = headers[len(headers) - 1]  # [-1] is not specialized
                         if name == "Content-Length":
-                            gk = groups.get((self._status_code,
-                                             environ["werkzeug.request"].url_rule.rule,
-                                             environ["REQUEST_METHOD"]))
-                            size = sizes.get(value)  # parsing costs the request 8x more
-                            if size is None:
+                            # a group the request path has not met (KeyError): the rare path
+                            gk = routes[environ["REQUEST_METHOD"]][
+                                environ["werkzeug.request"].url_rule.rule][self._status_code]
+                            try:
+                                size = sizes[value]  # parsing costs the request 8x more
+                            except KeyError:
                                 size = parse_size(value)
                             if gk:
                                 lane.size = size
@@ -235,7 +236,8 @@ class FlaskHook:
                     self._ft_lane = None
                     try:
                         t0 = lane.t0
-                        lane.buf.extend(pack(t0, lane.gk, lane.size, perf_counter() - t0))
+                        buf = lane.buf  # += is bytearray's own concat: no method call
+                        buf += pack(t0, lane.gk, lane.size, perf_counter() - t0)
                         lane.environ = None
                         lane.gk = 0.0
                     except Exception:  # noqa: BLE001 - never into the server's close()
@@ -300,7 +302,6 @@ class FlaskHook:
         sent one by one (5xx, never started, an exception); 0 when the table is full."""
         method = raw_method if raw_method in _METHODS else "OTHER"  # junk methods: one group
         route = getattr(rule, "rule", None)
-        key = (code, route, raw_method)  # the request path's key
         rep = self.reporter
         with rep.group_lock:
             full = (code, route, method, exc)
@@ -313,8 +314,11 @@ class FlaskHook:
                 rep.group_info.append((code, rule, method, exc))
                 rep.groups[full] = gk
             if not exc and method is raw_method and route is not None \
-                    and len(rep.groups) < 4 * GROUPS_CAP:
-                rep.groups[key] = gk  # the request path finds it without a call
+                    and rep.route_keys < 4 * GROUPS_CAP:
+                codes = rep.routes.setdefault(raw_method, {}).setdefault(route, {})
+                if code not in codes:  # the request path finds it without a call
+                    codes[code] = gk
+                    rep.route_keys += 1
             return gk
 
     def _busy(self, lane: Any, environ: Dict[str, Any], t0: float) -> None:
