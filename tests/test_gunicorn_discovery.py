@@ -229,6 +229,8 @@ def test_a_titled_master_is_found_and_its_hidden_arguments_are_said_to_be_hidden
             assert resolve_master(w)[0] == g.pid
         config, _ = read_config(g.pid)
         assert config.args_hidden and config.cmdline == title
+        # what the title hides and the process shows: its name and the sockets it holds
+        assert config.app == "poller_app:app" and config.bind == (f"127.0.0.1:{g.port}",)
         # -t 7 is hidden, and so is GUNICORN_CMD_ARGS: the default is assumed, and says so
         assert (config.timeout, config.max_requests, config.timeout_assumed) == (None, None, True)
 

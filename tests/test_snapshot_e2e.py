@@ -122,6 +122,8 @@ def test_timeout_kill_shows_up_with_route_and_stack(tmp_path, engine_for, titled
         snap = _until(engine, lambda s: len(s.workers) == 2 and s.master.timeout == 4.0,
                       message="two workers and gunicorn's timeout")
         assert not snap.master.timeout_assumed and snap.master.workers == 2
+        assert snap.master.app == "trouble_app:app"
+        assert snap.master.bind == (f"127.0.0.1:{g.port}",)
         _hang(g)
         snap = _until(engine, lambda s: any(e.kind == "timeout_killed" for e in s.events),
                       timeout=30, message="a timeout kill event")

@@ -14,6 +14,7 @@ never executed). Linux only: everything here reads ``/proc``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import re
 import shlex
@@ -391,12 +392,30 @@ def read_config(pid: int) -> Tuple[GunicornConfig, Optional[str]]:
     env_args = environ.get("GUNICORN_CMD_ARGS")
     first = parse_cmdline(argv, env_args, web_concurrency=environ.get("WEB_CONCURRENCY"))
     path = _config_path(first.config_file, cwd)
-    if path is None:
-        return first, None
-    values = read_config_file(path)
-    if not values:
-        return first, path
-    return parse_cmdline(argv, env_args, values, environ.get("WEB_CONCURRENCY")), path
+    values = read_config_file(path) if path is not None else {}
+    config = parse_cmdline(argv, env_args, values, environ.get("WEB_CONCURRENCY")) \
+        if values else first
+    return _from_process(pid, argv, config), path
+
+
+def _from_process(pid: int, argv: Sequence[str], config: GunicornConfig) -> GunicornConfig:
+    """Fill in what a process title hides and the process itself shows: the addresses of the
+    listening sockets the master holds (``bind``), and the name in the title (``app``:
+    gunicorn's ``proc_name``, the app's module unless ``--name`` set another)."""
+    changes: Dict[str, object] = {}
+    if config.args_hidden and config.app is None:
+        m = _TITLE_RE.match(" ".join(str(a) for a in argv))
+        name = m.group(2).strip() if m else ""
+        if name:
+            changes["app"] = name
+    if not config.bind:
+        try:
+            bind = _Probe().bind(pid)
+        except OSError:
+            bind = ()
+        if bind:
+            changes["bind"] = bind
+    return dataclasses.replace(config, **changes) if changes else config  # type: ignore[arg-type]
 
 
 def _config_path(config: Optional[str], cwd: Optional[str]) -> Optional[str]:
