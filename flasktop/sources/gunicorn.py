@@ -89,7 +89,11 @@ def gunicorn_args(argv: Sequence[str]) -> Optional[List[str]]:
 def is_process_title(argv: Sequence[str]) -> bool:
     """Whether ``argv`` is gunicorn's setproctitle title (``gunicorn: master [app]``), which
     replaces the command line and keeps none of its arguments."""
-    return bool(_TITLE_RE.match(" ".join(str(a) for a in argv)))
+    return _title(argv) is not None
+
+
+def _title(argv: Sequence[str]) -> Optional["re.Match[str]"]:
+    return _TITLE_RE.match(" ".join(str(a) for a in argv))
 
 
 def _is_gunicorn_script(path: str) -> bool:
@@ -404,7 +408,7 @@ def _from_process(pid: int, argv: Sequence[str], config: GunicornConfig) -> Guni
     gunicorn's ``proc_name``, the app's module unless ``--name`` set another)."""
     changes: Dict[str, object] = {}
     if config.args_hidden and config.app is None:
-        m = _TITLE_RE.match(" ".join(str(a) for a in argv))
+        m = _title(argv)
         name = m.group(2).strip() if m else ""
         if name:
             changes["app"] = name
