@@ -963,7 +963,7 @@ def test_groups_are_bounded_whatever_methods_and_statuses_arrive(rx: Receiver) -
     assert len(reporter.groups) <= 5 * _reporter.GROUPS_CAP
     leaves = [code for rules in reporter.routes.values() for codes in rules.values()
               for code in codes]
-    assert len(leaves) == reporter.route_keys <= 4 * _reporter.GROUPS_CAP
+    assert len(leaves) < len(reporter.group_info) <= _reporter.GROUPS_CAP + 2
     unmatched = [g for g in reporter.group_info[2:] if g[1] is None]
     assert {g[2] for g in unmatched} == {"OTHER"}
     total = 600 + 400

@@ -313,12 +313,10 @@ class FlaskHook:
                 gk = -n if (code >= 500 or code <= 0 or exc) else n
                 rep.group_info.append((code, rule, method, exc))
                 rep.groups[full] = gk
-            if not exc and method is raw_method and route is not None \
-                    and rep.route_keys < 4 * GROUPS_CAP:
-                codes = rep.routes.setdefault(raw_method, {}).setdefault(route, {})
-                if code not in codes:  # the request path finds it without a call
-                    codes[code] = gk
-                    rep.route_keys += 1
+            if not exc and method is raw_method and route is not None:
+                # the request path finds it without a call; one leaf per such group, so
+                # the table's own cap bounds these too
+                rep.routes.setdefault(raw_method, {}).setdefault(route, {})[code] = gk
             return gk
 
     def _busy(self, lane: Any, environ: Dict[str, Any], t0: float) -> None:

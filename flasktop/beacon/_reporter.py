@@ -163,10 +163,9 @@ class Reporter:
         self.groups: Dict[tuple, float] = {(0, None, "OTHER", ""): UNTRACKED}
         # The request path's view of the groups: method -> route -> status code -> group id,
         # three dict subscripts (a tuple key costs it a hash and a compare of the tuple, cold
-        # C code: 0.1-0.2 us a request in place, docs/benchmarks.md). ``route_keys`` counts
-        # its leaves, at most 4 * GROUPS_CAP.
+        # C code: 0.1-0.2 us a request in place, docs/benchmarks.md). A leaf is a group
+        # without an exception whose method is a known one: no more leaves than groups.
         self.routes: Dict[str, Dict[str, Dict[int, float]]] = {}
-        self.route_keys = 0
         self.group_info: List[Any] = [None, (0, None, "OTHER", "")]
         # gunicorn's settings for this worker (protocol.gunicorn_fields), sent with every
         # in-flight report; kept across fork (a --preload master read them for its workers)
